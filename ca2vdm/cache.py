@@ -1,0 +1,210 @@
+"""The attention set and the KV-cache queue that realises it (Ca2-VDM ideas 2 and 3).
+
+``ChunkLayout`` is the one definition of who attends to whom in temporal attention. Frames come in
+chunks: chunk 0 holds the ``prefix_frames`` given frames (it is empty when a prompt alone starts
+the video), chunk k >= 1 holds ``chunk_frames`` (l) frames. A frame of chunk k attends to
+
+* the most recent ``max_context_frames`` (P_max) frames before chunk k — the cache window — and
+* the frames of chunk k up to and including itself.
+
+Training uses it as a boolean mask over a whole clip; inference keeps exactly that window in
+``KVCache``: per block a preallocated ring of P_max frame slots holding the temporal K/V of clean
+frames, followed by l staging slots where the chunk being denoised puts its own K/V, so attention
+reads one contiguous slice ``[0, n + q)`` with no concatenation. Keys are order-free (positions are
+already inside them), so a write that wraps around the ring needs no reordering. The frame counter
+is a host integer: no ``torch.roll``, no ``.item()``, no copy of the cache.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Chunk structure and temporal attention set of a video.
+
+    prefix_frames: given frames forming chunk 0 (0: a prompt alone starts the video).
+    chunk_frames: l, frames per generated chunk.
+    max_context_frames: P_max, frames before a chunk that it may attend to.
+    """
+
+    prefix_frames: int
+    chunk_frames: int
+    max_context_frames: int
+
+    def chunk_of(self, frame: int) -> int:
+        """Index of the chunk that holds absolute frame ``frame``."""
+        if frame < self.prefix_frames:
+            return 0
+        return 1 + (frame - self.prefix_frames) // self.chunk_frames
+
+    def chunk_start(self, k: int) -> int:
+        """First absolute frame of chunk k."""
+        return 0 if k == 0 else self.prefix_frames + (k - 1) * self.chunk_frames
+
+    def chunk_len(self, k: int) -> int:
+        return self.prefix_frames if k == 0 else self.chunk_frames
+
+    def chunks(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """Spans (first, end) of the chunk pieces that cover frames [start, stop), in order."""
+        spans, f = [], start
+        while f < stop:
+            k = self.chunk_of(f)
+            end = min(stop, self.chunk_start(k) + self.chunk_len(k))
+            spans.append((f, end))
+            f = end
+        return spans
+
+    def window(self, k: int) -> range:
+        """Frames before chunk k that chunk k attends to (the cache window)."""
+        s = self.chunk_start(k)
+        return range(max(0, s - self.max_context_frames), s)
+
+    def attends(self, i: int, j: int) -> bool:
+        """Does frame i attend to frame j? (The scalar definition; ``mask`` vectorises it.)"""
+        k = self.chunk_of(i)
+        s = self.chunk_start(k)
+        return s <= j <= i or s - self.max_context_frames <= j < s
+
+    def mask(self, q_frames: range, k_frames: range, device=None) -> torch.Tensor:
+        """Boolean (Fq, Fk) mask, True where query frame attends to key frame."""
+        q = torch.tensor(list(q_frames), device=device)
+        k = torch.tensor(list(k_frames), device=device)
+        qs = torch.tensor([self.chunk_start(self.chunk_of(f)) for f in q_frames], device=device)
+        own = (k[None, :] >= qs[:, None]) & (k[None, :] <= q[:, None])
+        past = (k[None, :] < qs[:, None]) & (k[None, :] >= qs[:, None] - self.max_context_frames)
+        return own | past
+
+
+class KVCache:
+    """Temporal K/V of clean frames for every block, a ring of P_max frame slots per block.
+
+    Layout per block: ``k[b]``, ``v[b]`` of shape (B, S, H, P_max + l, d): slots [0, P_max) are
+    the ring, slot of absolute frame n is ``n mod P_max``; slots [n_valid, n_valid + q) stage the
+    chunk being denoised. With prefix enhancement, ``pk[b]``, ``pv[b]`` of shape (B, H, R, S, d)
+    hold the spatial K/V of the last R clean frames (a ring of R slots, no staging needed).
+
+    One clean write pass per chunk fills it (``begin_write`` ... ``end_write``); every denoising
+    step of the next chunks reads it. With classifier-free guidance the batch is 2B: the
+    unconditional branch has its own half of every buffer and is written by the same pass.
+    """
+
+    def __init__(self, layout: ChunkLayout, depth: int, batch: int, tokens: int, heads: int,
+                 head_dim: int, prefix_enhance_frames: int = 0, dtype=torch.float32, device=None):
+        self.layout = layout
+        self.capacity = layout.max_context_frames
+        self.staging = max(layout.chunk_frames, layout.prefix_frames)
+        self.batch, self.tokens, self.heads, self.head_dim = batch, tokens, heads, head_dim
+        self.dtype = dtype
+        slots = self.capacity + self.staging
+        shape = (batch, tokens, heads, slots, head_dim)  # (B, S, H, slots, d)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.prefix_capacity = prefix_enhance_frames
+        pshape = (batch, heads, prefix_enhance_frames, tokens, head_dim)  # (B, H, R, S, d)
+        self.pk = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(depth)] if prefix_enhance_frames else []
+        self.pv = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(depth)] if prefix_enhance_frames else []
+        self.frames_written = 0  # host integer: clean frames written so far (absolute index of the next)
+
+    # -- bookkeeping (host integers only) ------------------------------------------------------
+    @property
+    def window_len(self) -> int:
+        """Number of valid frames in the ring (the window the next chunk attends to)."""
+        return min(self.frames_written, self.capacity)
+
+    @property
+    def prefix_len(self) -> int:
+        return min(self.frames_written, self.prefix_capacity)
+
+    def next_chunk(self) -> int:
+        """Index of the chunk whose frames come next."""
+        n = self.frames_written
+        k = self.layout.chunk_of(n)
+        if self.layout.chunk_start(k) != n:
+            raise RuntimeError(f"cache holds {n} frames, which is not a chunk boundary")
+        return k
+
+    def check_chunk(self, q: int) -> int:
+        """Check that q frames form the next chunk; return its index."""
+        k = self.next_chunk()
+        if k == 0 and self.layout.prefix_frames == 0:
+            k = 1
+        if q != self.layout.chunk_len(k):
+            raise ValueError(f"chunk {k} has {self.layout.chunk_len(k)} frames, got {q}")
+        return k
+
+    # -- temporal K/V ------------------------------------------------------------------------
+    def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put the chunk's K/V (B, S, H, q, d) after the valid window; return the (B, S, H, n+q, d) view."""
+        n, q = self.window_len, k.shape[3]
+        self.k[block][:, :, :, n:n + q].copy_(k)
+        self.v[block][:, :, :, n:n + q].copy_(v)
+        return self.k[block][:, :, :, :n + q], self.v[block][:, :, :, :n + q]
+
+    def commit(self, block: int, q: int) -> None:
+        """Move the staged chunk's K/V into the ring (FIFO, oldest frames evicted).
+
+        Staged frame i sits in slot n + i and belongs in slot (frames_written + i) mod P_max. Before
+        the ring is full those are equal; the rest form one contiguous run modulo P_max, copied in at
+        most two slices from the staging area (disjoint from the ring, so no transient copy).
+        """
+        c, n, cap = self.frames_written, self.window_len, self.capacity
+        first = max(0, cap - n, q - cap)  # staged frames that are not already in place
+        for src, dst, length in _ring_runs(n + first, (c + first) % cap, q - first, cap):
+            for buf in (self.k[block], self.v[block]):
+                buf[:, :, :, dst:dst + length].copy_(buf[:, :, :, src:src + length])
+
+    # -- prefix-enhancement K/V ---------------------------------------------------------------
+    def prefix(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Spatial K/V of the last R clean frames, (B, H, m*S, d) each, or None when none exist."""
+        m = self.prefix_len
+        if m == 0:
+            return None
+        return self.pk[block][:, :, :m].flatten(2, 3), self.pv[block][:, :, :m].flatten(2, 3)
+
+    def write_prefix(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Push the chunk's prefix K/V (B, H, q, S, d) into the R-slot ring (call after reading)."""
+        q, cap, c = k.shape[2], self.prefix_capacity, self.frames_written
+        first = max(0, q - cap)
+        for src, dst, length in _ring_runs(first, (c + first) % cap, q - first, cap):
+            self.pk[block][:, :, dst:dst + length].copy_(k[:, :, src:src + length])
+            self.pv[block][:, :, dst:dst + length].copy_(v[:, :, src:src + length])
+
+    def advance(self, q: int) -> None:
+        """Count q newly written clean frames (after every block has committed them)."""
+        self.frames_written += q
+
+    # -- size ------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache: every K/V buffer, staging slots and prefix ring included."""
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.pk + self.pv)
+
+    def formula_bytes(self) -> int:
+        """The same size from the formula: depth x S x 2*hidden x bytes per frame, times frames.
+
+        Frames = B x (P_max + staging) for the temporal ring plus B x R for the prefix ring, where
+        B already includes the factor 2 of classifier-free guidance.
+        """
+        depth, hidden = len(self.k), self.heads * self.head_dim
+        per_frame = depth * self.tokens * 2 * hidden * torch.empty((), dtype=self.dtype).element_size()
+        frames = self.batch * (self.capacity + self.staging + self.prefix_capacity)
+        return per_frame * frames
+
+    def window_bytes(self) -> int:
+        """DESIGN §3's figure for the window alone: B x P_max x depth x S x 2*hidden x bytes."""
+        depth, hidden = len(self.k), self.heads * self.head_dim
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return self.batch * self.capacity * depth * self.tokens * 2 * hidden * itemsize
+
+
+def _ring_runs(src: int, dst: int, length: int, cap: int) -> list[tuple[int, int, int]]:
+    """Split a copy of ``length`` frames to ring slot ``dst`` (mod cap) into contiguous runs."""
+    if length <= 0:
+        return []
+    head = min(length, cap - dst)
+    runs = [(src, dst, head)]
+    if length > head:
+        runs.append((src + head, 0, length - head))
+    return runs

@@ -1,0 +1,149 @@
+"""Noise schedules, training targets and samplers, with per-frame noise levels.
+
+Two objectives, chosen by the model config's ``objective``:
+
+* ``flow`` — rectified flow / flow matching: x_s = (1 - s) x0 + s eps, the network predicts the
+  velocity v = eps - x0, sampling integrates with Euler over a shifted sigma schedule (the same
+  sequence as diffusers' ``FlowMatchEulerDiscreteScheduler``).
+* ``eps`` — DDPM with a linear beta schedule, epsilon prediction, sampled with deterministic DDIM
+  (eta = 0; the same sequence and update as diffusers' ``DDIMScheduler`` with ``clip_sample=False``).
+
+The network's time input is ``1000 * sigma`` (flow) or the integer DDPM timestep (eps). In both
+conventions a clean frame (sigma = 0) is told time 0. Every noise level is per frame, shape (B, F),
+which is what the Ca2-VDM recipe needs (clean prefix frames beside noisy frames). Sampling schedules
+are host-side Python floats: a sampler step never synchronises with the device.
+"""
+
+import math
+
+import torch
+
+
+def _per_frame(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, F) coefficients -> broadcastable to x (B, C, F, H, W)."""
+    return a.to(x.dtype)[:, None, :, None, None]
+
+
+class Sampler:
+    """A sampling schedule: ``timesteps[i]`` is fed to the network at step i, ``step`` updates x."""
+
+    def __init__(self, diffusion, timesteps: list[float], coefs: list[tuple[float, float]]):
+        self.diffusion = diffusion
+        self.timesteps = timesteps
+        self.coefs = coefs  # per step: the two scalars the update needs
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def step(self, x: torch.Tensor, out: torch.Tensor, i: int) -> torch.Tensor:
+        """x at step i and the network output -> x at step i + 1."""
+        return self.diffusion.update(x, out, *self.coefs[i])
+
+
+class FlowMatching:
+    """Rectified flow with velocity prediction and an Euler sampler on a shifted schedule."""
+
+    objective = "flow"
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
+        self.num_train_timesteps = num_train_timesteps
+        self.shift = shift
+
+    def shifted(self, sigma: float) -> float:
+        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+
+    # -- sampling ----------------------------------------------------------------------------
+    def sampler(self, steps: int) -> Sampler:
+        """Sigmas as diffusers computes them: linspace between the (shifted) training extremes, shifted."""
+        n = self.num_train_timesteps
+        s_max, s_min = self.shifted(1.0), self.shifted(1.0 / n)
+        ts = [s_max * n + (s_min * n - s_max * n) * i / (steps - 1) for i in range(steps)] if steps > 1 else [s_max * n]
+        sigmas = [self.shifted(t / n) for t in ts] + [0.0]
+        coefs = [(sigmas[i], sigmas[i + 1]) for i in range(steps)]
+        return Sampler(self, [s * n for s in sigmas[:-1]], coefs)
+
+    @staticmethod
+    def update(x, v, sigma: float, sigma_next: float):
+        """Euler step of dx/dsigma = v."""
+        return x + (sigma_next - sigma) * v
+
+    # -- training ----------------------------------------------------------------------------
+    def sample_levels(self, shape, generator=None, device=None) -> torch.Tensor:
+        """Random training noise levels sigma in (0, 1], shifted like the sampling schedule."""
+        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+        u = u.clamp_min(1.0 / self.num_train_timesteps)
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    def model_time(self, level: torch.Tensor) -> torch.Tensor:
+        return level * self.num_train_timesteps
+
+    def add_noise(self, x0, noise, level):
+        """x_sigma for per-frame sigma (B, F); sigma = 0 leaves a frame clean."""
+        s = _per_frame(level, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0, noise, level):
+        return noise - x0
+
+
+class DDPM:
+    """Epsilon-prediction DDPM (linear betas) with a deterministic DDIM sampler."""
+
+    objective = "eps"
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 1e-4,
+                 beta_end: float = 0.02, spacing: str = "trailing"):
+        if spacing not in ("leading", "trailing"):
+            raise ValueError(f"timestep spacing must be 'leading' or 'trailing', got {spacing!r}")
+        self.num_train_timesteps = num_train_timesteps
+        self.spacing = spacing
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (N,) float64, host
+        self._abar = self.alphas_cumprod.tolist()
+
+    # -- sampling ----------------------------------------------------------------------------
+    def sampler(self, steps: int) -> Sampler:
+        n = self.num_train_timesteps
+        if self.spacing == "leading":  # diffusers' default
+            ratio = n // steps
+            ts = [i * ratio for i in range(steps)][::-1]
+        else:  # "trailing": the first step starts from (almost) pure noise
+            ratio = n / steps
+            ts = [round(n - i * ratio) - 1 for i in range(steps)]
+        coefs = []
+        for t in ts:
+            prev = t - n // steps
+            a_prev = self._abar[prev] if prev >= 0 else 1.0
+            coefs.append((self._abar[t], a_prev))
+        return Sampler(self, [float(t) for t in ts], coefs)
+
+    @staticmethod
+    def update(x, eps, a_t: float, a_prev: float):
+        """DDIM (eta = 0): predict x0, then move to the previous noise level along eps."""
+        x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+        return math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+
+    # -- training ----------------------------------------------------------------------------
+    def sample_levels(self, shape, generator=None, device=None) -> torch.Tensor:
+        """Random integer training timesteps in [0, N)."""
+        return torch.randint(0, self.num_train_timesteps, shape, generator=generator, device=device)
+
+    def model_time(self, level: torch.Tensor) -> torch.Tensor:
+        return level.to(torch.float64)
+
+    def add_noise(self, x0, noise, level):
+        a = self.alphas_cumprod.to(x0.device)[level.long()]  # (B, F)
+        return _per_frame(a.sqrt(), x0) * x0 + _per_frame((1 - a).sqrt(), x0) * noise
+
+    def target(self, x0, noise, level):
+        return noise
+
+
+def make_diffusion(objective: str, num_train_timesteps: int = 1000, shift: float = 1.0,
+                   beta_start: float = 1e-4, beta_end: float = 0.02, spacing: str = "trailing"):
+    """The schedule for a model config's ``objective`` ('flow' or 'eps')."""
+    if objective == "flow":
+        return FlowMatching(num_train_timesteps, shift)
+    if objective == "eps":
+        return DDPM(num_train_timesteps, beta_start, beta_end, spacing)
+    raise ValueError(f"objective must be 'flow' or 'eps', got {objective!r}")
