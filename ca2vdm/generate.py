@@ -140,7 +140,6 @@ def _batch_size(first_frames, prompt, labels, seed, batch):
     return next(iter(sizes.values()), 1)
 
 
-@torch.no_grad()
 def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor | None = None,
              prompt: Text | None = None, negative_prompt: Text | None = None, labels=None,
              steps: int = 10, guidance: float = 1.0, seed: int | list[int] = 0, mode: str = "shared",
@@ -191,7 +190,14 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
     engine = _ENGINES[mode](model, B * mult, cond, cache_dtype)
     sampler = model.diffusion.sampler(steps)
     dev, dt = model.device, model.dtype
-    amp = (lambda: torch.autocast(dev.type, dtype=autocast)) if autocast else contextlib.nullcontext
+
+    @contextlib.contextmanager
+    def amp():
+        """no_grad (and autocast) around each network call, never across a yield: a decorator
+        on this generator would hold the last yielded chunk alive while suspended."""
+        with torch.no_grad(), (torch.autocast(dev.type, dtype=autocast) if autocast else contextlib.nullcontext()):
+            yield
+
     stats = stats if stats is not None else GenerationStats()
     stats.cache_bytes = engine.nbytes
     t0 = time.perf_counter()

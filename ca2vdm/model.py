@@ -259,6 +259,7 @@ class TemporalAttention(nn.Module):
             out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), ctx.mask)
         else:
             k, v = ctx.cache.stage(block, k, v)  # (B, S, H, n + F, d): window then this chunk
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has its own dtype
             out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), "causal")
             if ctx.write:
                 ctx.cache.commit(block, Fr)
@@ -296,7 +297,7 @@ class PrefixAttention(nn.Module):
                 out[:, q0:q1] = self.attend_to(x[:, q0:q1], kk, vv)
             return out
         cached = ctx.cache.prefix(block)
-        out = self.attend_to(x, *cached) if cached is not None else torch.zeros_like(x)
+        out = self.attend_to(x, *(c.to(x.dtype) for c in cached)) if cached is not None else torch.zeros_like(x)
         if ctx.write:  # after reading: this chunk's frames become the prefix of the next ones
             ctx.cache.write_prefix(block, *self.keys(x))
         return out

@@ -1,0 +1,114 @@
+"""The KV-cache queue: FIFO window semantics, wrap-around, bytes, no host syncs, no torch.roll."""
+
+import pytest
+import torch
+
+from ca2vdm import ChunkLayout, KVCache
+from ca2vdm.generate import GenerationStats, generate_video
+
+from conftest import random_text, tiny_model
+
+
+@pytest.mark.parametrize("prefix,chunk,context", [(1, 8, 25), (1, 2, 5), (1, 3, 7), (0, 4, 6), (2, 3, 2), (1, 5, 3)])
+def test_mask_matches_scalar_definition(prefix, chunk, context):
+    lay = ChunkLayout(prefix, chunk, context)
+    n = prefix + 6 * chunk
+    mask = lay.mask(range(n), range(n))
+    for i in range(n):
+        for j in range(n):
+            assert bool(mask[i, j]) == lay.attends(i, j)
+    # the window is what a chunk attends to before itself
+    for k in range(1, 6):
+        s = lay.chunk_start(k)
+        assert [j for j in range(s) if mask[s, j]] == list(lay.window(k))
+
+
+@pytest.mark.parametrize("prefix,chunk,context,enhance", [(1, 8, 25, 3), (1, 2, 5, 3), (1, 3, 7, 3),
+                                                           (0, 4, 6, 3), (2, 3, 2, 3), (1, 5, 3, 2)])
+def test_ring_holds_exactly_the_window(prefix, chunk, context, enhance):
+    """Write frames whose K equals their index; after each chunk the ring holds the next window."""
+    lay = ChunkLayout(prefix, chunk, context)
+    cache = KVCache(lay, depth=2, batch=1, tokens=1, heads=1, head_dim=1, prefix_enhance_frames=enhance,
+                    dtype=torch.float64)
+    frame = 0
+    for k in range(0 if prefix else 1, 12):
+        q = lay.chunk_len(k)
+        ids = torch.arange(frame, frame + q, dtype=torch.float64).view(1, 1, 1, q, 1)
+        for b in range(2):
+            kk, vv = cache.stage(b, ids, -ids)
+            assert kk.shape[3] == cache.window_len + q
+            assert sorted(kk[0, 0, 0, :, 0].tolist()) == list(lay.window(k)) + list(range(frame, frame + q))
+            cache.commit(b, q)
+            cache.write_prefix(b, ids.view(1, 1, q, 1, 1), -ids.view(1, 1, q, 1, 1))
+        cache.advance(q)
+        frame += q
+        window = sorted(cache.k[0][0, 0, 0, :cache.window_len, 0].tolist())
+        assert window == list(lay.window(k + 1)), (k, window)
+        assert sorted((-cache.v[1][0, 0, 0, :cache.window_len, 0]).tolist()) == window
+        pk, _ = cache.prefix(0)
+        assert sorted(pk[0, 0, :, 0].tolist()) == list(range(max(0, frame - enhance), frame))
+
+
+def test_cache_bytes_equal_formula_and_double_with_guidance():
+    model = tiny_model(conditioning="text", text_dim=16, prefix_enhance=True, max_context_frames=5)
+    cfg = model.config
+    cache = model.new_cache(batch=3, dtype=torch.float16)
+    per_frame = cfg.depth * cfg.tokens * 2 * cfg.hidden * 2  # bytes, fp16
+    staging = cfg.chunk_frames
+    assert cache.nbytes == cache.formula_bytes()
+    assert cache.nbytes == 3 * per_frame * (cfg.max_context_frames + staging + cfg.prefix_enhance_frames)
+    assert cache.window_bytes() == 3 * per_frame * cfg.max_context_frames
+    # DESIGN §3 paper figure: 28 x 256 x 2304 x 2 B per frame, 25 frames ~ 0.77 GiB
+    paper = KVCache(ChunkLayout(1, 8, 25), depth=28, batch=1, tokens=256, heads=16, head_dim=72,
+                    dtype=torch.bfloat16, device="meta")
+    assert paper.window_bytes() == 28 * 256 * 2304 * 2 * 25
+    assert abs(paper.window_bytes() / 2**30 - 0.77) < 0.01
+
+    kw = dict(first_frames=torch.zeros(1, 3, 1, 8, 8, dtype=torch.float64), steps=1, seed=0,
+              prompt=random_text(1, 4, 16))
+    plain, guided = GenerationStats(), GenerationStats()
+    generate_video(model, 5, stats=plain, **kw)
+    generate_video(model, 5, guidance=2.0, stats=guided, **kw)
+    assert guided.cache_bytes == 2 * plain.cache_bytes == 2 * model.new_cache(1).nbytes
+
+
+def test_cache_dtype_is_selectable():
+    model = tiny_model(dtype=torch.float32)
+    stats = GenerationStats()
+    out = generate_video(model, 7, first_frames=torch.zeros(1, 3, 1, 8, 8), steps=1,
+                         cache_dtype=torch.bfloat16, stats=stats)
+    assert torch.isfinite(out).all()
+    assert stats.cache_bytes == model.new_cache(1, torch.bfloat16).nbytes == model.new_cache(1).nbytes // 2
+
+
+def test_hot_path_has_no_host_sync_and_no_roll(monkeypatch):
+    """Denoising steps and write passes never read a device value on the host, never torch.roll."""
+    model = tiny_model(conditioning="text", text_dim=16, prefix_enhance=True, positions="rope")
+    cond = model.condition(2, random_text(2, 4, 16))
+    cache = model.new_cache(2)
+    frames = torch.randn(2, 3, 1 + 6 * 2, 8, 8, dtype=torch.float64)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync or roll in the hot path")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "roll", forbidden)
+    with torch.no_grad():
+        for first, end in model.layout.chunks(0, frames.shape[2]):
+            x = frames[:, :, first:end]
+            t = torch.full((2, end - first), 500.0, dtype=torch.float64)
+            model.forward_cached(x, t, cache, cond)  # a denoising step
+            model.forward_cached(x, t * 0, cache, cond, write=True)  # the write pass
+    monkeypatch.undo()
+    assert cache.frames_written == frames.shape[2]
+
+
+def test_write_pass_count_and_denoise_count():
+    model = tiny_model()
+    stats = GenerationStats()
+    out = generate_video(model, 1 + 5 * 2 - 1, first_frames=torch.zeros(1, 3, 1, 8, 8, dtype=torch.float64),
+                         steps=2, stats=stats)
+    assert out.shape[2] == 10 and stats.chunks == 5 and stats.frames == 9
+    assert stats.denoise_calls == 5 * 2
+    assert stats.write_calls == 1 + 4  # chunk 0, then every chunk that has a successor
