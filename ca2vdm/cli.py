@@ -20,9 +20,29 @@ def _bench(args):
         print(f"wrote {args.json}")
 
 
+def _train(args):
+    from .train import load_run_config, train_from_config
+
+    cfg = load_run_config(args.config, args.set)
+    if args.out_dir:
+        cfg["out_dir"] = args.out_dir
+    train_from_config(cfg, resume=not args.restart)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca2vdm", description="Efficient autoregressive video diffusion (Ca2-VDM).")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML run config",
+                       description="Train with the Ca2-VDM recipe. CONFIG is a YAML file with model, data and train "
+                                   "sections; the resolved config is saved in the run directory, and a run resumes "
+                                   "from its checkpoint unless --restart.")
+    t.add_argument("config", help="YAML run config, e.g. configs/digits.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    t.add_argument("--out-dir", help="run directory (default: the config's out_dir)")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in the run directory")
+    t.set_defaults(func=_train)
 
     b = sub.add_parser("bench", help="time shared / recompute-window / recompute-full generation",
                        description="Time every generation mode on a random-weight model of a preset: seconds per "

@@ -19,6 +19,15 @@ import math
 import torch
 
 
+def mix_seed(*xs: int) -> int:
+    """Deterministic 63-bit hash of integers (splitmix64 steps), for per-(seed, sample, chunk) seeds."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
 def _per_frame(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B, F) coefficients -> broadcastable to x (B, C, F, H, W)."""
     return a.to(x.dtype)[:, None, :, None, None]

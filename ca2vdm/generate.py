@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .diffusion import mix_seed
 from .model import CausalVideoDiT, Condition, Text
 
 MODES = ("shared", "recompute-full", "recompute-window")
@@ -48,21 +49,12 @@ class GenerationStats:
     chunk_seconds: list = field(default_factory=list)
 
 
-def _mix(*xs: int) -> int:
-    """Deterministic 63-bit hash of integers (splitmix64 steps), for per-(seed, sample, chunk) seeds."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
 def chunk_noise(seeds: list[int], chunk: int, shape: tuple, stream: int = 0, dtype=torch.float32,
                 device=None) -> torch.Tensor:
     """Gaussian noise (B, *shape), sample b drawn from its own generator seeded by (seeds[b], chunk, stream)."""
     out = []
     for s in seeds:
-        g = torch.Generator().manual_seed(_mix(s, chunk, stream))
+        g = torch.Generator().manual_seed(mix_seed(s, chunk, stream))
         out.append(torch.randn(shape, generator=g, dtype=torch.float32))
     return torch.stack(out).to(device=device, dtype=dtype)
 

@@ -1,0 +1,112 @@
+"""Checkpoints: a directory with ``config.json`` and safetensors files, written atomically.
+
+Layout of a checkpoint directory::
+
+    config.json          {"model": ModelConfig fields, "train": training settings, "step": N, ...}
+    model.safetensors    the weights used for generation (the EMA weights in a training run)
+    train.safetensors    optional: raw weights, optimizer moments, RNG states (to resume)
+
+Everything is written into a temporary sibling directory and renamed into place, so a crash never
+leaves a half-written checkpoint under the final name. Nothing is ever unpickled: weights and
+optimizer tensors are safetensors, everything else JSON.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .model import CausalVideoDiT, ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated or does not match the model."""
+
+
+def save_checkpoint(path, model: CausalVideoDiT, extra: dict | None = None,
+                    train_tensors: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
+    """Write ``model`` (optionally cast to ``dtype``) and metadata to directory ``path``, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        meta = {"model": model.config.to_dict(), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+                 for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        if train_tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in train_tensors.items()},
+                      str(tmp / "train.safetensors"))
+        old = None
+        if path.exists():  # move the old one aside first, then swap, then delete it
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_config(path) -> dict:
+    """The checkpoint's config.json, with a clear error when it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: config.json is missing")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e}); the checkpoint may be truncated") from e
+    if "model" not in meta:
+        raise CheckpointError(f"{cfg_file} has no 'model' section")
+    return meta
+
+
+def load_tensors(file) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a truncated or corrupt file into a clear error."""
+    file = Path(file)
+    if not file.is_file():
+        raise CheckpointError(f"missing checkpoint file: {file}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt checkpoint?)") from e
+
+
+def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = torch.float32) -> CausalVideoDiT:
+    """Build the model from ``config.json`` and load ``model.safetensors`` (strict: every key, every shape)."""
+    meta = read_config(path)
+    config = ModelConfig.from_dict(meta["model"])
+    model = CausalVideoDiT(config)
+    state = load_tensors(Path(path) / "model.safetensors")
+    load_state(model, state, Path(path) / "model.safetensors")
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_state(model: torch.nn.Module, state: dict, source) -> None:
+    """``load_state_dict`` with a message that says which keys or shapes do not match."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"shape mismatch: {shapes[0]}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})

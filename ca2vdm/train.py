@@ -1,0 +1,416 @@
+"""Training: the Ca2-VDM recipe on the full-sequence masked forward.
+
+One training step (``ca2vdm_loss``):
+
+1. Choose one prefix length for the batch from whole chunks: {p, p + l, p + 2l, ...} <= P_max
+   (with ``prefix_frames`` = 0 that includes 0: clips with no prefix teach a prompt to start a video).
+2. Cut every clip to prefix + l frames. Prefix frames stay clean (sigma = 0, told time 0),
+   optionally noise-augmented (``prefix_noise``) exactly as ``generate(context_noise=...)`` does.
+3. Noise the last l frames at one random level per clip, run the masked full-sequence forward (the
+   same attention sets as cached inference), and take the loss on the noisy frames only.
+4. When prefix + l fills the cyclic table (the clip fills the window), shift the TPE rows at random
+   so every rotation inference meets is seen.
+
+All randomness of step s comes from a generator seeded by (seed, s), so a resumed run draws the
+same batches and noise as one that never stopped. Weights, EMA, optimizer moments and metadata are
+saved with ``checkpoint.save_checkpoint`` (safetensors, atomic).
+"""
+
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .diffusion import mix_seed
+from .checkpoint import CheckpointError, load_state, load_tensors, read_config, save_checkpoint
+from .model import CausalVideoDiT, ModelConfig, Text
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings (the model has its own ``ModelConfig``)."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 4e-4               # from scratch: larger than the paper's fine-tuning 2e-5
+    min_lr_ratio: float = 0.1      # cosine decay to lr * min_lr_ratio
+    warmup: int = 200
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.99)
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999       # the EMA's decay warms up as (1 + s) / (10 + s) up to this
+    caption_dropout: float = 0.1   # share of captions replaced by the null prompt (for guidance)
+    prefix_noise: float = 0.0      # prefix noise augmentation level (sigma for flow, timestep for eps)
+    autocast: str = "auto"         # "auto": bf16 (attention fp32) on CPU and CUDA; "off": model dtype
+    eval_every: int = 250
+    save_every: int = 250
+    val_clips: int = 32
+    log_every: int = 10
+    seed: int = 0
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)}: must be at least 1")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout}: must be in [0, 1)")
+        if self.autocast not in ("auto", "off"):
+            raise ValueError(f"TrainConfig.autocast={self.autocast!r}: must be 'auto' or 'off'")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
+        return cls(**d)
+
+
+def prefix_choices(cfg: ModelConfig) -> list[int]:
+    """Prefix lengths made of whole chunks that fit the window: p, p + l, ... <= P_max."""
+    out, n = [], cfg.prefix_frames
+    while n <= cfg.max_context_frames:
+        out.append(n)
+        n += cfg.chunk_frames
+    return out
+
+
+def clip_frames(cfg: ModelConfig) -> int:
+    """Frames a training clip needs: the longest prefix plus one chunk."""
+    return max(prefix_choices(cfg)) + cfg.chunk_frames
+
+
+def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int, gen: torch.Generator,
+                prefix_noise: float = 0.0) -> torch.Tensor:
+    """The recipe's loss for one batch. video (B, C, >= n_prefix + l, H, W), clean, in model units."""
+    cfg, diff = model.config, model.diffusion
+    l = cfg.chunk_frames
+    x0 = video[:, :, :n_prefix + l]
+    B, Fr, dev = x0.shape[0], x0.shape[2], x0.device
+    noise = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
+    level = diff.sample_levels((B, 1), generator=gen).expand(B, l).to(dev)  # one level per clip
+    noisy = diff.add_noise(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
+    prefix = x0[:, :, :n_prefix]
+    if prefix_noise and n_prefix:
+        aug = torch.randn(prefix.shape, generator=gen).to(dev, x0.dtype)
+        lv = torch.full((B, n_prefix), prefix_noise, dtype=torch.float64, device=dev)
+        prefix = diff.add_noise(prefix, aug, lv)
+    xt = torch.cat([prefix, noisy], dim=2)
+    t = torch.cat([torch.zeros(B, n_prefix, dtype=torch.float64, device=dev), diff.model_time(level)], dim=1)
+    shift = 0
+    if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
+        shift = int(torch.randint(0, cfg.cyclic_length, (1,), generator=gen))
+    pred = model(xt, t, cond, tpe_shift=shift)[:, :, n_prefix:]
+    target = diff.target(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
+    return F.mse_loss(pred.float(), target.float())
+
+
+class EMA:
+    """Exponential moving average of the weights with a warming-up decay min(d, (1 + s) / (10 + s))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+    def copy_to(self, model):
+        state = model.state_dict()
+        model.load_state_dict({k: self.shadow.get(k, v).to(v.dtype) for k, v in state.items()})
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio`` at the last step."""
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+class TextCache:
+    """Caption -> token states, encoded once (the text encoder is frozen)."""
+
+    def __init__(self, encoder):
+        self.encoder, self.memo = encoder, {}
+
+    def __call__(self, captions: list[str], device) -> Text:
+        todo = [c for c in dict.fromkeys(captions) if c not in self.memo]
+        if todo:
+            states, mask = self.encoder.encode(todo)
+            for i, c in enumerate(todo):
+                n = int(mask[i].sum())
+                self.memo[c] = states[i, :n].clone()
+        return Text.cat([Text(self.memo[c][None].to(device)) for c in captions])
+
+
+def drop_captions(model: CausalVideoDiT, text: Text, drop: torch.Tensor) -> Text:
+    """Replace the prompts where ``drop`` (B,) is True by the learned null prompt."""
+    null = F.pad(model.null_text.to(text.states.dtype), (0, 0, 0, text.states.shape[1] - 1))  # (N, Dt)
+    null_mask = torch.zeros_like(text.mask[0])
+    null_mask[0] = True
+    d = drop.to(text.states.device)
+    return Text(torch.where(d[:, None, None], null[None], text.states), torch.where(d[:, None], null_mask[None], text.mask))
+
+
+class Trainer:
+    """Owns the model, its EMA, the optimizer and the step counter; ``run`` trains to ``tc.steps``."""
+
+    def __init__(self, model_cfg: ModelConfig, tc: TrainConfig, dataset, val_dataset=None, text_encoder=None,
+                 out_dir=None, device="cpu", extra_meta: dict | None = None):
+        self.tc, self.device = tc, torch.device(device)
+        torch.manual_seed(tc.seed)
+        self.model = CausalVideoDiT(model_cfg).to(self.device).train()
+        self.ema = EMA(self.model, tc.ema_decay)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.dataset, self.val_dataset = dataset, val_dataset
+        self.text = TextCache(text_encoder) if text_encoder is not None else None
+        if model_cfg.conditioning == "text" and self.text is None:
+            raise ValueError("a text-conditioned model needs a text encoder")
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.extra_meta = extra_meta or {}
+        self.step = 0
+        if len(dataset) == 0:
+            raise ValueError("the training dataset is empty")
+        need = clip_frames(model_cfg)
+        have = dataset[0]["video"].shape[1]
+        if have < need:
+            raise ValueError(f"training clips have {have} frames; this layout needs {need} (longest prefix + one chunk)")
+
+    # -- one step ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.tc.autocast == "off":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _condition(self, items, gen, dropout: float):
+        cfg = self.model.config
+        B = len(items)
+        if cfg.conditioning == "text":
+            text = self.text([it["caption"] for it in items], self.device)
+            drop = torch.rand(B, generator=gen) < dropout
+            return self.model.condition(B, drop_captions(self.model, text, drop))
+        if cfg.conditioning == "class":
+            labels = torch.tensor([it["label"] for it in items])
+            drop = torch.rand(B, generator=gen) < dropout
+            return self.model.condition(B, labels=torch.where(drop, cfg.num_classes, labels))
+        return None
+
+    def batch(self, step: int, micro: int):
+        """The (deterministic) batch and generator of a step's micro-batch."""
+        gen = torch.Generator().manual_seed(mix_seed(self.tc.seed, step, micro))
+        idx = torch.randint(0, len(self.dataset), (self.tc.batch_size,), generator=gen).tolist()
+        items = [self.dataset[i] for i in idx]
+        video = torch.stack([it["video"] for it in items]).to(self.device)
+        return items, video, gen
+
+    def train_step(self) -> dict:
+        tc, cfg = self.tc, self.model.config
+        lr = lr_at(self.step, tc)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for micro in range(tc.grad_accum):
+            items, video, gen = self.batch(self.step, micro)
+            choices = prefix_choices(cfg)
+            n_prefix = choices[int(torch.randint(0, len(choices), (1,), generator=gen))]
+            with self._autocast():
+                cond = self._condition(items, gen, tc.caption_dropout)
+                loss = ca2vdm_loss(self.model, video, cond, n_prefix, gen, tc.prefix_noise)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping without "
+                                         f"saving (the last checkpoint on disk is intact)")
+            (loss / tc.grad_accum).backward()
+            total += loss.item() / tc.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.ema.update(self.model, self.step)
+        self.step += 1
+        return dict(step=self.step, loss=total, lr=lr, grad_norm=grad_norm)
+
+    # -- validation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self, use_ema: bool = True) -> float:
+        """Loss on held-out clips: one noisy chunk after the fullest clean window, fixed noise levels."""
+        if not self.val_dataset:
+            return float("nan")
+        model = self.model
+        backup = None
+        if use_ema:
+            backup = {k: v.clone() for k, v in model.state_dict().items()}
+            self.ema.copy_to(model)
+        model.eval()
+        cfg, losses = model.config, []
+        n_prefix = max(prefix_choices(cfg))
+        n = min(len(self.val_dataset), self.tc.val_clips)
+        for start in range(0, n, self.tc.batch_size):
+            items = [self.val_dataset[i] for i in range(start, min(n, start + self.tc.batch_size))]
+            video = torch.stack([it["video"] for it in items]).to(self.device)
+            gen = torch.Generator().manual_seed(mix_seed(12345, start))
+            with self._autocast():
+                cond = self._condition(items, gen, 0.0)
+                losses.append(ca2vdm_loss(model, video, cond, n_prefix, gen).item() * len(items))
+        model.train()
+        if backup is not None:
+            model.load_state_dict(backup)
+        return sum(losses) / n
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save(self, path):
+        """EMA weights as the model (for generation); raw weights and optimizer moments to resume."""
+        ema_model = CausalVideoDiT(self.model.config)
+        self.ema.copy_to(ema_model)
+        tensors = {f"raw.{k}": v for k, v in self.model.state_dict().items()}
+        names = {p: n for n, p in self.model.named_parameters()}
+        for p, st in self.opt.state.items():
+            for k, v in st.items():
+                tensors[f"opt.{names[p]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        meta = dict(train=_jsonable(asdict(self.tc)), step=self.step, **self.extra_meta)
+        save_checkpoint(path, ema_model, meta, tensors)
+
+    def resume(self, path):
+        meta = read_config(path)
+        if ModelConfig.from_dict(meta["model"]) != self.model.config:
+            raise CheckpointError(f"{path} was trained with a different model config")
+        ema_state = load_tensors(Path(path) / "model.safetensors")
+        tensors = load_tensors(Path(path) / "train.safetensors")
+        raw = {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}
+        load_state(self.model, raw, Path(path) / "train.safetensors")
+        self.ema.shadow = {k: ema_state[k].float().clone() for k in self.ema.shadow}
+        params = dict(self.model.named_parameters())
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                name, field = key[4:].rsplit(".", 1)
+                self.opt.state[params[name]][field] = v.to(self.device)
+        self.step = int(meta["step"])
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, log=print) -> list[dict]:
+        tc, history = self.tc, []
+        metrics = None
+        if self.out_dir:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            new = not (self.out_dir / "metrics.csv").exists()
+            metrics = open(self.out_dir / "metrics.csv", "a", newline="")
+            writer = csv.DictWriter(metrics, ["step", "loss", "lr", "grad_norm", "it_per_s", "val_loss", "minutes"])
+            if new:
+                writer.writeheader()
+        t0, last = time.perf_counter(), time.perf_counter()
+        try:
+            while self.step < tc.steps:
+                row = self.train_step()
+                now = time.perf_counter()
+                row["it_per_s"] = 1.0 / max(1e-9, now - last)
+                row["minutes"] = (now - t0) / 60
+                last = now
+                row["val_loss"] = ""
+                if tc.eval_every and self.step % tc.eval_every == 0:
+                    row["val_loss"] = self.validation_loss()
+                if self.step % tc.log_every == 0 or row["val_loss"] != "":
+                    val = f" val {row['val_loss']:.4f}" if row["val_loss"] != "" else ""
+                    log(f"step {self.step}/{tc.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                        f"{row['it_per_s']:.2f} it/s{val}")
+                if metrics:
+                    writer.writerow(row)
+                    metrics.flush()
+                if self.out_dir and (self.step % tc.save_every == 0 or self.step == tc.steps):
+                    self.save(self.out_dir / "checkpoint")
+                history.append(row)
+        finally:
+            if metrics:
+                metrics.close()
+        return history
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Run configuration: YAML with `model`, `data` and `train` sections, plus --set overrides
+# --------------------------------------------------------------------------------------------
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested dict."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        node, parts = cfg, key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return cfg
+
+
+def load_run_config(path, overrides: list[str] = ()) -> dict:
+    """Read a run config YAML and apply overrides; validates the model and train sections."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(cfg) - {"model", "data", "train", "out_dir"})
+    if unknown:
+        raise ValueError(f"{path}: unknown sections {', '.join(unknown)} (expected model, data, train, out_dir)")
+    cfg = apply_overrides(cfg, list(overrides))
+    ModelConfig.from_dict(cfg.get("model", {}))
+    TrainConfig.from_dict(cfg.get("train", {}))
+    return cfg
+
+
+def build_dataset(data: dict, frames: int, split: str):
+    """The dataset named by a run config's ``data`` section, with clips of ``frames`` frames."""
+    data = dict(data)
+    kind = data.pop("dataset", "moving-digits")
+    val_clips = data.pop("val_clips", 64)
+    if kind == "moving-digits":
+        from .data import MovingDigits
+
+        num_clips = data.pop("num_clips", 20000)
+        return MovingDigits(num_clips if split == "train" else val_clips, frames, split=split, **data)
+    raise ValueError(f"unknown dataset {kind!r} (available: moving-digits)")
+
+
+def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
+    """Build everything a run config describes, resume from its checkpoint if present, train."""
+    import yaml
+
+    model_cfg = ModelConfig.from_dict(cfg.get("model", {}))
+    tc = TrainConfig.from_dict(cfg.get("train", {}))
+    out_dir = Path(cfg.get("out_dir", "runs/default"))
+    frames = clip_frames(model_cfg)
+    train_set = build_dataset(cfg.get("data", {}), frames, "train")
+    val_set = build_dataset(cfg.get("data", {}), frames, "val")
+    encoder = None
+    if model_cfg.conditioning == "text":
+        from .text import get_text_encoder
+
+        encoder = get_text_encoder("cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    trainer = Trainer(model_cfg, tc, train_set, val_set, encoder, out_dir, device,
+                      extra_meta={"data": cfg.get("data", {})})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if resume and (out_dir / "checkpoint" / "config.json").is_file():
+        trainer.resume(out_dir / "checkpoint")
+        log(f"resumed from {out_dir / 'checkpoint'} at step {trainer.step}")
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    log(f"training {n_params / 1e6:.2f}M parameters on {device}, clips of {frames} frames, "
+        f"{len(train_set)} train / {len(val_set)} val clips, output in {out_dir}")
+    trainer.run(log)
+    return trainer
