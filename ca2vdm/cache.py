@@ -76,6 +76,28 @@ class ChunkLayout:
         past = (k[None, :] < qs[:, None]) & (k[None, :] >= qs[:, None] - self.max_context_frames)
         return own | past
 
+    def teacher_forcing_mask(self, frames: int, device=None) -> torch.Tensor:
+        """Mask for the all-chunks-at-once layout [clean frames 0..F-1 || noisy copies of frames p..F-1].
+
+        Clean frames attend as in ``mask``. The noisy copy of a frame in chunk k attends to the clean
+        frames of chunk k's window and to the noisy copies of chunk k up to itself — exactly the set a
+        denoising step of chunk k sees in cached inference. Clean frames never see noisy ones.
+        """
+        p = min(self.prefix_frames, frames)
+        clean = range(frames)
+        noisy = range(p, frames)
+        F_, N = len(clean), len(noisy)
+        out = torch.zeros(F_ + N, F_ + N, dtype=torch.bool, device=device)
+        out[:F_, :F_] = self.mask(clean, clean, device)
+        if N:
+            q = torch.tensor(list(noisy), device=device)
+            qs = torch.tensor([self.chunk_start(self.chunk_of(f)) for f in noisy], device=device)
+            k = torch.tensor(list(clean), device=device)
+            out[F_:, :F_] = (k[None] < qs[:, None]) & (k[None] >= qs[:, None] - self.max_context_frames)
+            kn = q
+            out[F_:, F_:] = (kn[None] >= qs[:, None]) & (kn[None] <= q[:, None])
+        return out
+
 
 class KVCache:
     """Temporal K/V of clean frames for every block, a ring of P_max frame slots per block.

@@ -2,6 +2,11 @@
 
 import argparse
 import sys
+import time
+from pathlib import Path
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "digits"
+DEFAULT_PROMPT = "a 3 moving right and a 7 moving down"
 
 
 def _bench(args):
@@ -18,6 +23,152 @@ def _bench(args):
     if args.json:
         save_json(result, args.json)
         print(f"wrote {args.json}")
+
+
+def _device_and_dtype(args):
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available on this machine")
+    return args.device, getattr(torch, args.dtype)
+
+
+def _first_frames(path, model, batch):
+    """An image, or a video's last frames, resized to the model's frame size: (B, C, p, H, W)."""
+    from .video import read_image, read_video
+
+    cfg = model.config
+    p = cfg.prefix_frames
+    if p == 0:
+        raise ValueError("this model starts from a prompt alone (prefix_frames=0); it takes no --first-frame")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"first-frame file not found: {path}")
+    if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
+        frames = read_image(path, cfg.frame_size)
+    else:
+        frames = read_video(path, cfg.frame_size)
+    if cfg.in_channels != 3:
+        raise ValueError(f"--first-frame needs a pixel-space model (3 channels); this one has {cfg.in_channels}")
+    frames = frames[:, -p:]
+    if frames.shape[1] < p:  # an image for a model that takes several frames: repeat it
+        frames = frames[:, :1].repeat(1, p, 1, 1)
+    return frames[None].expand(batch, -1, -1, -1, -1).to(model.device, model.dtype)
+
+
+def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, first_frame=None,
+                   guidance=4.0, steps=20, seed=0, cache="shared", out="outputs/video.mp4", save_latents=None,
+                   device="cpu", dtype="float32", extra_outputs=(), fps=8, scale=4):
+    """Load a checkpoint, generate, append each chunk to the output file(s) as it completes."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .generate import GenerationStats, generate
+    from .model import Text
+    from .video import VideoWriter
+
+    model = load_checkpoint(checkpoint, device=device, dtype=getattr(torch, dtype))
+    cfg = model.config
+    if frames < cfg.prefix_frames + cfg.chunk_frames:
+        raise ValueError(f"--frames {frames} is less than one chunk: this model needs at least "
+                         f"{cfg.prefix_frames + cfg.chunk_frames} ({cfg.prefix_frames} given + {cfg.chunk_frames})")
+    prompt = neg = labels = None
+    if prompts is not None:
+        if cfg.conditioning != "text":
+            raise ValueError(f"this model is {cfg.conditioning}-conditioned; it takes no --prompt"
+                             + (" (use --label)" if cfg.conditioning == "class" else ""))
+        from .text import get_text_encoder
+
+        enc = get_text_encoder("cpu")
+        prompt = Text(*enc.encode(prompts))
+        if negative:
+            neg = Text(*enc.encode([negative] * len(prompts)))
+    elif label is not None:
+        if cfg.conditioning != "class":
+            raise ValueError(f"this model has conditioning={cfg.conditioning!r}; it takes no --label")
+        labels = torch.tensor([label])
+    elif cfg.conditioning == "text":
+        raise ValueError("this model is text-conditioned: give --prompt or --prompts-file")
+    batch = len(prompts) if prompts else 1
+    if cfg.conditioning == "none":
+        guidance = 1.0
+    first = _first_frames(first_frame, model, batch) if first_frame else None
+    if cfg.prefix_frames and first is None:
+        raise ValueError(f"this model continues {cfg.prefix_frames} given frame(s): pass --first-frame")
+
+    out = Path(out)
+    paths = [out] if batch == 1 else [out.with_name(f"{out.stem}_{b}{out.suffix}") for b in range(batch)]
+    extra = [[Path(e)] if batch == 1 else [Path(e).with_name(f"{Path(e).stem}_{b}{Path(e).suffix}") for b in range(batch)]
+             for e in extra_outputs]
+    for path in paths + [q for e in extra for q in e]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    writers = [[VideoWriter(q, fps=fps, scale=scale) for q in group] for group in [paths, *extra]]
+    stats, latents = GenerationStats(), []
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=frames, unit="frame", desc="generating", file=sys.stderr)
+    except ImportError:
+        bar = None
+    t0 = time.perf_counter()
+    try:
+        for chunk in generate(model, frames, first_frames=first, prompt=prompt, negative_prompt=neg, labels=labels,
+                              steps=steps, guidance=guidance, seed=seed, mode=cache, batch=batch, stats=stats):
+            video = chunk.float().clamp(-1, 1).cpu()
+            for group in writers:
+                for b, w in enumerate(group):
+                    w.write(video[b])
+            if save_latents:
+                latents.append(chunk.float().cpu())
+            if bar:
+                bar.update(chunk.shape[2])
+                bar.set_postfix(chunks=stats.chunks, fps=f"{bar.n / (time.perf_counter() - t0):.1f}")
+    finally:
+        if bar:
+            bar.close()
+        for group in writers:
+            for w in group:
+                w.close()
+    seconds = time.perf_counter() - t0
+    if save_latents:
+        from safetensors.torch import save_file
+
+        Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(save_latents))
+    return dict(paths=paths, extra=extra, seconds=seconds, stats=stats, frames=frames, batch=batch)
+
+
+def _report(result):
+    s = result["stats"]
+    print(f"time to first chunk: {s.seconds_to_first_chunk:.2f} s; "
+          f"{result['frames'] * result['batch'] / result['seconds']:.1f} frames/s "
+          f"({s.chunks} chunks, {s.denoise_calls} denoising forwards, {s.write_calls} cache writes)")
+    for p in result["paths"] + [q for e in result["extra"] for q in e]:
+        print(f"wrote {p}")
+
+
+def _generate(args):
+    prompts = None
+    if args.prompt is not None:
+        prompts = [args.prompt]
+    elif args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise FileNotFoundError(f"prompts file not found: {args.prompts_file}")
+        prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{args.prompts_file} holds no prompts")
+    device, _ = _device_and_dtype(args)
+    result = run_generation(args.checkpoint, args.frames, prompts, args.label, args.negative_prompt, args.first_frame,
+                            args.guidance, args.steps, args.seed, args.cache, args.out, args.save_latents,
+                            device, args.dtype, fps=args.fps, scale=args.scale)
+    _report(result)
+
+
+def _demo(args):
+    out_dir = Path(args.out_dir)
+    stem = f"demo_{args.frames}f_seed{args.seed}"
+    result = run_generation(args.checkpoint, args.frames, [args.prompt], guidance=args.guidance, steps=args.steps,
+                            seed=args.seed, out=out_dir / f"{stem}.mp4", extra_outputs=[out_dir / f"{stem}.gif"])
+    print(f'prompt: "{args.prompt}"')
+    _report(result)
 
 
 def _train(args):
@@ -44,6 +195,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in the run directory")
     t.set_defaults(func=_train)
 
+    g = sub.add_parser("generate", help="generate a video from a checkpoint, streamed to a file",
+                       description="Generate a video chunk by chunk; each chunk is appended to the output as soon as "
+                                   "it is denoised. Any --frames of at least one chunk works (the last chunk is "
+                                   "generated whole and trimmed).")
+    g.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the shipped model)")
+    g.add_argument("--frames", type=int, required=True, help="video length in frames, given frames included")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="text prompt (text-conditioned models)")
+    src.add_argument("--prompts-file", help="one prompt per line: one video per line, generated as one batch")
+    src.add_argument("--label", type=int, help="class label (class-conditioned models)")
+    g.add_argument("--negative-prompt", help="prompt for the unconditional guidance branch")
+    g.add_argument("--first-frame", help="image, or video whose last frames start the video (resized)")
+    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off; default 4)")
+    g.add_argument("--steps", type=int, default=20, help="denoising steps per chunk (default 20)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--cache", choices=["shared", "recompute-full", "recompute-window"], default="shared",
+                   help="generation mode (default shared: the Ca2-VDM KV-cache queue)")
+    g.add_argument("--out", default="outputs/video.mp4", help="output .mp4 or .gif (default outputs/video.mp4)")
+    g.add_argument("--save-latents", help="also save the latents (key 'latents', (B, C, F, H, W) float32) here")
+    g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
+    g.add_argument("--fps", type=float, default=8)
+    g.add_argument("--scale", type=int, default=4, help="integer upscaling of the written frames (default 4)")
+    g.set_defaults(func=_generate)
+
+    d = sub.add_parser("demo", help="generate a long video with the shipped moving-digits model",
+                       description="Generate a video from a prompt alone with the shipped default model and write "
+                                   "it as mp4 and gif under --out-dir.")
+    d.add_argument("--prompt", default=DEFAULT_PROMPT, help=f'default: "{DEFAULT_PROMPT}"')
+    d.add_argument("--frames", type=int, default=256, help="default 256")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=20, help="denoising steps per chunk (default 20)")
+    d.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    d.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: shipped model)")
+    d.add_argument("--out-dir", default="outputs")
+    d.set_defaults(func=_demo)
+
     b = sub.add_parser("bench", help="time shared / recompute-window / recompute-full generation",
                        description="Time every generation mode on a random-weight model of a preset: seconds per "
                                    "autoregressive step, cache bytes, peak memory, and their ratios.")
@@ -65,7 +253,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
 

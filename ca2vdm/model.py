@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .cache import ChunkLayout, KVCache
 from .diffusion import make_diffusion
@@ -410,6 +411,7 @@ class CausalVideoDiT(nn.Module):
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final_proj = nn.Linear(D, C * p * p)
+        self.grad_checkpointing = False  # recompute block activations in backward (training only)
         self.diffusion = make_diffusion(cfg.objective, cfg.num_train_timesteps, cfg.flow_shift,
                                         cfg.beta_start, cfg.beta_end, cfg.ddim_spacing)
         self.initialize_weights()
@@ -533,7 +535,7 @@ class CausalVideoDiT(nn.Module):
             c = c + cond.label[:, None]
         return tokens, c
 
-    def _positions(self, frames: range, shift: int):
+    def _positions(self, frames, shift: int):
         tpe = self.tpe(frames, shift).to(self.dtype) if self.tpe is not None else None
         rope = self.rope.angles(frames, self.dtype) if self.rope is not None else None
         return tpe, rope
@@ -544,7 +546,10 @@ class CausalVideoDiT(nn.Module):
         h, c = self._embed(x, t, cond)
         hidden = []
         for i, block in enumerate(self.blocks):
-            h = block(h, c, cond, ctx, i)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and ctx.cache is None:
+                h = torch.utils.checkpoint.checkpoint(block, h, c, cond, ctx, i, use_reentrant=False)
+            else:
+                h = block(h, c, cond, ctx, i)
             if return_hidden:
                 hidden.append(h)
         if skip_output:
@@ -573,14 +578,44 @@ class CausalVideoDiT(nn.Module):
             ctx.prefix_groups = self.prefix_groups(frames)
         return self._run(x, t, cond, ctx, return_hidden)
 
-    def prefix_groups(self, frames: range) -> list:
+    def forward_teacher_forcing(self, clean, noisy, t_noisy, cond: Condition | None = None, tpe_shift: int = 0,
+                                return_hidden: bool = False):
+        """All chunks at once: a clean clip and noisy copies of its generated frames in one pass.
+
+        clean: (B, C, F, H, W) clean frames 0..F-1 (told time 0). noisy: (B, C, F - p, H, W) noisy
+        copies of frames p..F-1 with network times ``t_noisy`` (B, F - p). Each noisy chunk attends to
+        the clean frames of its window and causally to its own noisy frames (``teacher_forcing_mask``),
+        so its prediction equals what the cached denoising step of that chunk computes.
+        Returns the prediction for the noisy frames (B, C, F - p, H, W).
+        """
+        B, C, Fr = clean.shape[:3]
+        p = min(self.config.prefix_frames, Fr)
+        if noisy.shape[2] != Fr - p or noisy.shape[:2] != clean.shape[:2]:
+            raise ValueError(f"noisy copies must cover frames {p}..{Fr - 1}: expected {Fr - p} frames, "
+                             f"got shape {tuple(noisy.shape)}")
+        x = torch.cat([clean, noisy], dim=2)
+        t = torch.cat([t_noisy.new_zeros(B, Fr), t_noisy], dim=1)
+        self._check_input(x, t, cond)
+        frames = list(range(Fr)) + list(range(p, Fr))  # a noisy copy sits at its clean frame's position
+        tpe, rope = self._positions(frames, tpe_shift)
+        ctx = FrameContext(range(Fr + Fr - p), tpe, rope, mask=self.layout.teacher_forcing_mask(Fr, x.device))
+        if self.config.prefix_enhance:
+            noisy_groups = [((q0 + Fr, q1 + Fr), ks) for (q0, q1), ks in self.prefix_groups(range(p, Fr), 0)]
+            ctx.prefix_groups = self.prefix_groups(range(Fr)) + noisy_groups  # noisy copies read clean keys
+        result = self._run(x, t, cond, ctx, return_hidden)
+        if return_hidden:
+            return result[0][:, :, Fr:], result[1]
+        return result[:, :, Fr:]
+
+    def prefix_groups(self, frames: range, key_start: int | None = None) -> list:
         """For each chunk piece in ``frames``: its local span and the local span of its prefix frames."""
         R, out = self.config.prefix_enhance_frames, []
+        ks = frames.start if key_start is None else key_start  # local index 0 of the keys' frames
         for first, end in self.layout.chunks(frames.start, frames.stop):
             s = self.layout.chunk_start(self.layout.chunk_of(first))
-            k0 = max(frames.start, s - R)
+            k0 = max(ks, s - R)
             if k0 < s:
-                out.append(((first - frames.start, end - frames.start), (k0 - frames.start, s - frames.start)))
+                out.append(((first - frames.start, end - frames.start), (k0 - ks, s - ks)))
         return out
 
     def forward_cached(self, x, t, cache: KVCache, cond: Condition | None = None, write: bool = False,

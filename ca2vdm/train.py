@@ -47,6 +47,8 @@ class TrainConfig:
     caption_dropout: float = 0.1   # share of captions replaced by the null prompt (for guidance)
     prefix_noise: float = 0.0      # prefix noise augmentation level (sigma for flow, timestep for eps)
     autocast: str = "auto"         # "auto": bf16 (attention fp32) on CPU and CUDA; "off": model dtype
+    layout: str = "prefix"         # "prefix": the paper's one-prefix-per-batch recipe; "all-chunks": teacher forcing
+    grad_checkpointing: bool = False
     eval_every: int = 250
     save_every: int = 250
     val_clips: int = 32
@@ -62,6 +64,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout}: must be in [0, 1)")
         if self.autocast not in ("auto", "off"):
             raise ValueError(f"TrainConfig.autocast={self.autocast!r}: must be 'auto' or 'off'")
+        if self.layout not in ("prefix", "all-chunks"):
+            raise ValueError(f"TrainConfig.layout={self.layout!r}: must be 'prefix' or 'all-chunks'")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -107,6 +111,31 @@ def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int,
         shift = int(torch.randint(0, cfg.cyclic_length, (1,), generator=gen))
     pred = model(xt, t, cond, tpe_shift=shift)[:, :, n_prefix:]
     target = diff.target(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: torch.Generator,
+                    prefix_noise: float = 0.0) -> torch.Tensor:
+    """The all-chunks-at-once variant (DESIGN §4, Self-Forcing's teacher forcing): one pass over a clean
+    clip and noisy copies of all its generated chunks, one noise level per (clip, chunk), loss on every
+    noisy frame. Each noisy chunk sees exactly what cached inference shows it."""
+    cfg, diff = model.config, model.diffusion
+    Fr = clip_frames(cfg)
+    x0 = video[:, :, :Fr]
+    B, dev, p = x0.shape[0], x0.device, cfg.prefix_frames
+    n_chunks = (Fr - p) // cfg.chunk_frames
+    noise = torch.randn(x0[:, :, p:].shape, generator=gen).to(dev, x0.dtype)
+    level = diff.sample_levels((B, n_chunks), generator=gen).repeat_interleave(cfg.chunk_frames, dim=1).to(dev)
+    noisy = diff.add_noise(x0[:, :, p:], noise, level)
+    clean = x0
+    if prefix_noise:
+        aug = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
+        clean = diff.add_noise(x0, aug, torch.full((B, Fr), prefix_noise, dtype=torch.float64, device=dev))
+    shift = 0
+    if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
+        shift = int(torch.randint(0, cfg.cyclic_length, (1,), generator=gen))
+    pred = model.forward_teacher_forcing(clean, noisy, diff.model_time(level), cond, tpe_shift=shift)
+    target = diff.target(x0[:, :, p:], noise, level)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -170,6 +199,7 @@ class Trainer:
         self.tc, self.device = tc, torch.device(device)
         torch.manual_seed(tc.seed)
         self.model = CausalVideoDiT(model_cfg).to(self.device).train()
+        self.model.grad_checkpointing = tc.grad_checkpointing
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         self.dataset, self.val_dataset = dataset, val_dataset
@@ -225,7 +255,10 @@ class Trainer:
             n_prefix = choices[int(torch.randint(0, len(choices), (1,), generator=gen))]
             with self._autocast():
                 cond = self._condition(items, gen, tc.caption_dropout)
-                loss = ca2vdm_loss(self.model, video, cond, n_prefix, gen, tc.prefix_noise)
+                if tc.layout == "all-chunks":
+                    loss = all_chunks_loss(self.model, video, cond, gen, tc.prefix_noise)
+                else:
+                    loss = ca2vdm_loss(self.model, video, cond, n_prefix, gen, tc.prefix_noise)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping without "
                                          f"saving (the last checkpoint on disk is intact)")

@@ -129,3 +129,24 @@ def test_bf16_autocast_on_cpu_runs_close_to_fp32():
     assert (amp - ref).abs().max().item() < 0.1 * ref.abs().max().item()
     oracle = generate_video(model, 9, autocast=torch.bfloat16, mode="recompute-full", **kw)
     assert (amp - oracle).abs().max().item() < 0.1 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("positions", ["cyclic", "rope"])
+@pytest.mark.parametrize("prefix_frames", [0, 1, 2])
+def test_all_chunks_layout_equals_per_chunk_forward(positions, prefix_frames):
+    """The teacher-forcing layout [clean || noisy copies]: each noisy chunk's prediction equals the
+    forward over [clean frames before it || that noisy chunk] (what cached inference computes)."""
+    model = tiny_model(positions=positions, prefix_frames=prefix_frames, max_context_frames=5,
+                       conditioning="text", text_dim=16, prefix_enhance=True)
+    cfg, p = model.config, prefix_frames
+    n = p + 6 * cfg.chunk_frames
+    clean = torch.randn(2, 3, n, 8, 8, dtype=torch.float64)
+    noisy = torch.randn(2, 3, n - p, 8, 8, dtype=torch.float64)
+    t_noisy = torch.rand(2, n - p, dtype=torch.float64) * 1000
+    cond = model.condition(2, random_text(2, 5, 16))
+    out = model.forward_teacher_forcing(clean, noisy, t_noisy, cond)
+    for first, end in model.layout.chunks(p, n):
+        x = torch.cat([clean[:, :, :first], noisy[:, :, first - p:end - p]], 2)
+        t = torch.cat([torch.zeros(2, first, dtype=torch.float64), t_noisy[:, first - p:end - p]], 1)
+        ref = model(x, t, cond)[:, :, first:]
+        assert (ref - out[:, :, first - p:end - p]).abs().max().item() <= 1e-12
