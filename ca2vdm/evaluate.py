@@ -245,14 +245,16 @@ def _centroids(frame: np.ndarray, threshold: float, min_pixels: int) -> np.ndarr
 
 
 def step_displacements(videos: torch.Tensor, threshold: float = -0.5, min_pixels: int = 4,
-                       max_step: float = 8.0):
+                       max_step: float = 8.0, counts=None):
     """Matched blob displacements between consecutive frames.
 
     videos (B, C, F, H, W) in ~[-1, 1] -> (total (B, F-1), count (B, F-1)) float64 numpy arrays:
     for the step t -> t+1 of video b, the summed displacement (px) of its matched blob pairs and
-    how many pairs there were. A step counts only if both frames have the same non-zero number of
-    blobs (two digits that touch merge into one blob, so that step is skipped); pairs are matched by
-    the Hungarian algorithm on centroid distance, and pairs further apart than ``max_step`` dropped.
+    how many pairs there were. A step counts only if both frames show the video's usual number of
+    blobs: ``counts[b]`` if given, else the most frequent non-zero blob count over the video's
+    frames. That drops the steps where two digits touch and merge into one blob (whose centroid
+    moves like neither) or where a glyph breaks up. Blobs are matched by the Hungarian algorithm on
+    centroid distance; pairs further apart than ``max_step`` px are dropped.
     """
     from scipy.optimize import linear_sum_assignment
 
@@ -260,16 +262,21 @@ def step_displacements(videos: torch.Tensor, threshold: float = -0.5, min_pixels
     B, Fr = bright.shape[:2]
     total, count = np.zeros((B, max(Fr - 1, 0))), np.zeros((B, max(Fr - 1, 0)))
     for b in range(B):
-        prev = _centroids(bright[b, 0], threshold, min_pixels)
+        cents = [_centroids(bright[b, t], threshold, min_pixels) for t in range(Fr)]   # F x (k_t, 2)
+        k = np.array([len(c) for c in cents])
+        if counts is not None:
+            usual = int(counts[b])
+        elif (k > 0).any():
+            usual = int(np.bincount(k[k > 0]).argmax())                    # the mode; ties -> fewer blobs
+        else:
+            continue
         for t in range(1, Fr):
-            cur = _centroids(bright[b, t], threshold, min_pixels)
-            if len(cur) == len(prev) and len(cur) > 0:
-                dist = np.linalg.norm(prev[:, None] - cur[None], axis=-1)  # (k, k)
+            if k[t - 1] == k[t] == usual:
+                dist = np.linalg.norm(cents[t - 1][:, None] - cents[t][None], axis=-1)   # (k, k)
                 rows, cols = linear_sum_assignment(dist)
                 d = dist[rows, cols]
                 d = d[d <= max_step]
                 total[b, t - 1], count[b, t - 1] = d.sum(), len(d)
-            prev = cur
     return total, count
 
 
@@ -281,7 +288,7 @@ def _speeds(total: np.ndarray, count: np.ndarray, steps: int | None = None) -> n
 
 
 def track_speeds(videos: torch.Tensor, threshold: float = -0.5, min_pixels: int = 4,
-                 max_step: float = 8.0) -> torch.Tensor:
+                 max_step: float = 8.0, counts=None) -> torch.Tensor:
     """Mean tracked digit speed in pixels/frame per video: (B, C, F, H, W) -> (B,) float64.
 
     Blobs are 8-connected components of pixels whose max over channels exceeds ``threshold``
@@ -289,7 +296,7 @@ def track_speeds(videos: torch.Tensor, threshold: float = -0.5, min_pixels: int 
     NaN for a video in which no step could be matched (e.g. an empty or all-noise video).
     On ground-truth clips this matches the mean per-frame displacement of ``positions``.
     """
-    return torch.from_numpy(_speeds(*step_displacements(videos, threshold, min_pixels, max_step)))
+    return torch.from_numpy(_speeds(*step_displacements(videos, threshold, min_pixels, max_step, counts)))
 
 
 # --------------------------------------------------------------------------------------------

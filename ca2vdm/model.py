@@ -537,7 +537,7 @@ class CausalVideoDiT(nn.Module):
 
     def _positions(self, frames, shift: int):
         tpe = self.tpe(frames, shift).to(self.dtype) if self.tpe is not None else None
-        rope = self.rope.angles(frames, self.dtype) if self.rope is not None else None
+        rope = self.rope.angles(frames, self.dtype, self.device) if self.rope is not None else None
         return tpe, rope
 
     def _run(self, x, t, cond, ctx, return_hidden, skip_output=False):

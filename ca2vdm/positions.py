@@ -52,15 +52,15 @@ class RoPE(torch.nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
         assert head_dim % 2 == 0
-        self.head_dim = head_dim
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
+        # A buffer would be cast by model.to(dtype); the frequencies stay float64 on the host instead.
+        self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
 
-    def angles(self, frames: range, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def angles(self, frames, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin), each (F, head_dim/2), for absolute frame indices; float64 math, then cast."""
-        pos = torch.tensor(list(frames), dtype=torch.float64, device=self.inv_freq.device)
+        pos = torch.tensor(list(frames), dtype=torch.float64)
         ang = pos[:, None] * self.inv_freq[None, :]  # (F, d/2), float64
-        return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
+        return torch.cos(ang).to(device=device, dtype=dtype), torch.sin(ang).to(device=device, dtype=dtype)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -112,3 +112,18 @@ def test_write_pass_count_and_denoise_count():
     assert out.shape[2] == 10 and stats.chunks == 5 and stats.frames == 9
     assert stats.denoise_calls == 5 * 2
     assert stats.write_calls == 1 + 4  # chunk 0, then every chunk that has a successor
+
+
+def test_text_kv_computed_once_per_prompt(monkeypatch):
+    """Cross-attention K/V of the prompt are computed once per generation, not per denoising step."""
+    from ca2vdm.model import CrossAttention
+
+    calls = []
+    original = CrossAttention.text_kv
+    monkeypatch.setattr(CrossAttention, "text_kv", lambda self, s: calls.append(1) or original(self, s))
+    model = tiny_model(conditioning="text", text_dim=16)
+    stats = GenerationStats()
+    generate_video(model, 1 + 5 * 2, first_frames=torch.zeros(1, 3, 1, 8, 8, dtype=torch.float64),
+                   prompt=random_text(1, 4, 16), guidance=2.0, steps=3, stats=stats)
+    assert stats.denoise_calls == 15
+    assert len(calls) == 2 * model.config.depth  # conditional + unconditional branch, each once per block

@@ -41,3 +41,15 @@ def test_rope_angles_float64_and_relative():
 def test_sincos_2d_shape_and_distinct_rows():
     pe = sincos_2d(4, 4, 32)
     assert pe.shape == (16, 32) and torch.unique(pe, dim=0).shape[0] == 16
+
+
+def test_rope_angles_stay_float64_when_the_model_is_cast():
+    """model.to(float32 / bfloat16) must not cast the RoPE frequencies (float32 angles drift ~1e-3 rad)."""
+    from ca2vdm import CausalVideoDiT, ModelConfig
+
+    model = CausalVideoDiT(ModelConfig(frame_size=8, patch=4, hidden=32, heads=2, depth=1, positions="rope"))
+    model = model.to(torch.bfloat16).to(torch.float32)
+    assert model.rope.inv_freq.dtype == torch.float64
+    cos, _ = model.rope.angles(range(100_000, 100_001), torch.float64)
+    exact = torch.cos(torch.tensor(100_000.0, dtype=torch.float64) * model.rope.inv_freq)
+    assert torch.allclose(cos[0], exact, atol=1e-12)
