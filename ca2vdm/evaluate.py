@@ -245,15 +245,15 @@ def _centroids(frame: np.ndarray, threshold: float, min_pixels: int) -> np.ndarr
 
 
 def step_displacements(videos: torch.Tensor, threshold: float = -0.5, min_pixels: int = 4,
-                       max_step: float = 8.0, counts=None):
+                       max_step: float = 8.0, counts=None, min_share: float = 0.15):
     """Matched blob displacements between consecutive frames.
 
     videos (B, C, F, H, W) in ~[-1, 1] -> (total (B, F-1), count (B, F-1)) float64 numpy arrays:
     for the step t -> t+1 of video b, the summed displacement (px) of its matched blob pairs and
     how many pairs there were. A step counts only if both frames show the video's usual number of
-    blobs: ``counts[b]`` if given, else the most frequent non-zero blob count over the video's
-    frames. That drops the steps where two digits touch and merge into one blob (whose centroid
-    moves like neither) or where a glyph breaks up. Blobs are matched by the Hungarian algorithm on
+    blobs: ``counts[b]`` if given, else the largest blob count seen in at least ``min_share`` of
+    the video's non-empty frames. That drops the steps where two digits touch and merge into one
+    blob (whose centroid moves like neither), where a glyph breaks up or a speck of noise appears. Blobs are matched by the Hungarian algorithm on
     centroid distance; pairs further apart than ``max_step`` px are dropped.
     """
     from scipy.optimize import linear_sum_assignment
@@ -267,7 +267,9 @@ def step_displacements(videos: torch.Tensor, threshold: float = -0.5, min_pixels
         if counts is not None:
             usual = int(counts[b])
         elif (k > 0).any():
-            usual = int(np.bincount(k[k > 0]).argmax())                    # the mode; ties -> fewer blobs
+            freq = np.bincount(k)[1:] / (k > 0).sum()                      # (max k,) share of non-empty frames
+            usual = int(np.nonzero(freq >= min_share)[0].max()) + 1 if (freq >= min_share).any() \
+                else int(freq.argmax()) + 1
         else:
             continue
         for t in range(1, Fr):

@@ -37,6 +37,31 @@ from .positions import CyclicTPE, RoPE, sincos_2d
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
+def coerce_fields(cls, d: dict) -> dict:
+    """Convert config values to their fields' scalar types (YAML reads '2e-4' as a string), or fail
+    with a message naming the field."""
+    types = {f.name: f.type for f in fields(cls)}
+    out = {}
+    for k, v in d.items():
+        t = types.get(k)
+        t = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+        try:
+            if t.startswith("float") and isinstance(v, (str, int)) and not isinstance(v, bool):
+                v = float(v)
+            elif t.startswith("int") and isinstance(v, str):
+                v = int(v)
+            elif t.startswith("bool") and isinstance(v, str):
+                if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(v)
+                v = v.lower() in ("true", "1", "yes")
+        except ValueError:
+            raise ValueError(f"{cls.__name__}.{k}={v!r}: expected {t}") from None
+        if t.startswith("int") and not t.startswith("int |") and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{cls.__name__}.{k}={v!r}: expected an integer")
+        out[k] = v
+    return out
+
+
 @dataclass
 class ModelConfig:
     """Everything that defines a CausalVideoDiT; saved as config.json beside the weights."""
@@ -135,7 +160,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig fields: {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**coerce_fields(cls, d))
 
 
 @dataclass

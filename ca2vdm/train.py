@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .diffusion import mix_seed
 from .checkpoint import CheckpointError, load_state, load_tensors, read_config, save_checkpoint
-from .model import CausalVideoDiT, ModelConfig, Text
+from .model import CausalVideoDiT, ModelConfig, Text, coerce_fields
 
 
 @dataclass
@@ -64,6 +64,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.caption_dropout={self.caption_dropout}: must be in [0, 1)")
         if self.autocast not in ("auto", "off"):
             raise ValueError(f"TrainConfig.autocast={self.autocast!r}: must be 'auto' or 'off'")
+        if self.log_every < 1:
+            raise ValueError(f"TrainConfig.log_every={self.log_every}: must be at least 1")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)}: must be 0 (off) or more")
+        if self.eval_every and self.val_clips < 1:
+            raise ValueError(f"TrainConfig.val_clips={self.val_clips}: must be at least 1 when eval_every > 0")
         if self.layout not in ("prefix", "all-chunks"):
             raise ValueError(f"TrainConfig.layout={self.layout!r}: must be 'prefix' or 'all-chunks'")
 
@@ -72,21 +79,38 @@ class TrainConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown TrainConfig fields: {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**coerce_fields(cls, d))
 
 
 def prefix_choices(cfg: ModelConfig) -> list[int]:
-    """Prefix lengths made of whole chunks that fit the window: p, p + l, ... <= P_max."""
+    """Prefix lengths for the recipe: whole chunks p, p + l, ... <= P_max, and P_max itself.
+
+    When P_max - p is not a multiple of l, inference windows hold P_max frames that begin mid-chunk
+    once the window slides; the extra choice P_max trains exactly that (see ``prefix_start``).
+    """
     out, n = [], cfg.prefix_frames
     while n <= cfg.max_context_frames:
         out.append(n)
         n += cfg.chunk_frames
+    if out[-1] != cfg.max_context_frames:
+        out.append(cfg.max_context_frames)
     return out
 
 
+def prefix_start(cfg: ModelConfig, n_prefix: int) -> int:
+    """Absolute index of a training clip's first frame, so that its noisy chunk starts a chunk."""
+    lay, k = cfg.layout, 1
+    while lay.chunk_start(k) < n_prefix:
+        k += 1
+    return lay.chunk_start(k) - n_prefix
+
+
 def clip_frames(cfg: ModelConfig) -> int:
-    """Frames a training clip needs: the longest prefix plus one chunk."""
-    return max(prefix_choices(cfg)) + cfg.chunk_frames
+    """Frames a training clip needs: up to a chunk whose window is full (P_max frames), plus that chunk."""
+    lay, k = cfg.layout, 1
+    while lay.chunk_start(k) < cfg.max_context_frames:
+        k += 1
+    return lay.chunk_start(k) + cfg.chunk_frames
 
 
 def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int, gen: torch.Generator,
@@ -109,7 +133,7 @@ def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int,
     shift = 0
     if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
         shift = int(torch.randint(0, cfg.cyclic_length, (1,), generator=gen))
-    pred = model(xt, t, cond, tpe_shift=shift)[:, :, n_prefix:]
+    pred = model(xt, t, cond, start=prefix_start(cfg, n_prefix), tpe_shift=shift)[:, :, n_prefix:]
     target = diff.target(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
     return F.mse_loss(pred.float(), target.float())
 
@@ -260,7 +284,7 @@ class Trainer:
                 else:
                     loss = ca2vdm_loss(self.model, video, cond, n_prefix, gen, tc.prefix_noise)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {self.step}; stopping without "
+                raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; stopping without "
                                          f"saving (the last checkpoint on disk is intact)")
             (loss / tc.grad_accum).backward()
             total += loss.item() / tc.grad_accum
@@ -356,7 +380,7 @@ class Trainer:
                 if metrics:
                     writer.writerow(row)
                     metrics.flush()
-                if self.out_dir and (self.step % tc.save_every == 0 or self.step == tc.steps):
+                if self.out_dir and ((tc.save_every and self.step % tc.save_every == 0) or self.step == tc.steps):
                     self.save(self.out_dir / "checkpoint")
                 history.append(row)
         finally:
@@ -397,10 +421,10 @@ def load_run_config(path, overrides: list[str] = ()) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     cfg = yaml.safe_load(path.read_text()) or {}
+    cfg = apply_overrides(cfg, list(overrides))
     unknown = sorted(set(cfg) - {"model", "data", "train", "out_dir"})
     if unknown:
         raise ValueError(f"{path}: unknown sections {', '.join(unknown)} (expected model, data, train, out_dir)")
-    cfg = apply_overrides(cfg, list(overrides))
     ModelConfig.from_dict(cfg.get("model", {}))
     TrainConfig.from_dict(cfg.get("train", {}))
     return cfg
@@ -416,7 +440,23 @@ def build_dataset(data: dict, frames: int, split: str):
 
         num_clips = data.pop("num_clips", 20000)
         return MovingDigits(num_clips if split == "train" else val_clips, frames, split=split, **data)
-    raise ValueError(f"unknown dataset {kind!r} (available: moving-digits)")
+    if kind in ("video-folder", "frame-folder"):
+        from .data import FrameFolder, VideoFolder
+
+        cls = VideoFolder if kind == "video-folder" else FrameFolder
+        root = data.pop("root", None)
+        if root is None:
+            raise ValueError(f"data.root is required for dataset {kind!r}")
+        data.setdefault("clips_per_video", 100)  # many random start points per video per "epoch"
+        val_root = data.pop("val_root", None)
+        if split == "val":
+            if val_root is None:  # no held-out folder: other random clips of the same videos
+                data["seed"] = data.get("seed", 0) + 1
+                data["clips_per_video"] = max(1, val_clips // 2)
+            else:
+                root = val_root
+        return cls(root, frames, **data)
+    raise ValueError(f"unknown dataset {kind!r} (available: moving-digits, video-folder, frame-folder)")
 
 
 def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
