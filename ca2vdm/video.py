@@ -9,6 +9,10 @@ Videos in memory are (C, F, H, W) float tensors in [-1, 1] (C = 3 RGB, or C = 1 
     video = read_video("clip.mp4", size=(32, 32), max_frames=16, fps=8)  # (3, 16, 32, 32)
     image = read_image("frame.png", size=(32, 32))                       # (3, 1, 32, 32)
 
+    with open_video("clip.mp4") as (container, stream):                  # lower level: av frames
+        for k, frame in resampled_frames(container, stream, fps=8):
+            ...
+
 Writing: every `write` encodes its frames at once and muxes whatever packets come out, with the
 container flushing after each packet. A .gif can be watched while it grows (each frame gets its
 own adaptive 256-colour palette). An .mp4 (H.264, yuv420p) only gets its index when closed, and
@@ -18,6 +22,7 @@ The file is created by the first write(); a writer closed without writing leaves
 
 from __future__ import annotations
 
+import contextlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -160,6 +165,71 @@ def resize_crop(x: Tensor, size: tuple[int, int]) -> Tensor:
     return x[..., top:top + h, left:left + w]
 
 
+@contextlib.contextmanager
+def open_video(path: str | Path):
+    """Open a video (or image) file, yield (container, its first video stream), close it after.
+
+    Raises ValueError "cannot read video {path}: ..." when the file cannot be opened, has no video
+    stream, or an FFmpeg error comes up inside the with block (demuxing, decoding).
+    """
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as e:
+        raise ValueError(f"cannot read video {path}: {e}") from e
+    try:
+        if not container.streams.video:
+            raise ValueError(f"cannot read video {path}: no video stream")
+        yield container, container.streams.video[0]
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot read video {path}: {e}") from e
+    finally:
+        container.close()
+
+
+def frame_period(stream) -> float:
+    """Seconds per source frame of a video stream (25 fps when the file does not say)."""
+    return 1 / float(stream.average_rate or stream.guessed_rate or 25)
+
+
+def resampled_frames(container, stream, fps: float | None = None, stop: int | None = None):
+    """Decode ``stream`` (threaded) and yield (k, av.VideoFrame) for output frames k = 0, 1, 2, ...
+
+    fps None: every decoded frame once. fps: resample by timestamp: output frame k at time k / fps
+    (from the first frame) shows the source frame on screen at that time, so frames are dropped, or
+    repeated (the same object) when upsampling; the last frame lasts one source period. Frames
+    without a timestamp are placed at their index times the period.
+    stop: yield at most this many output frames.
+    """
+    stream.thread_type = "AUTO"
+    period = frame_period(stream)
+    start, prev, k, index = None, None, 0, 0  # k: next output frame index
+
+    def full():
+        return stop is not None and k >= stop
+
+    for frame in container.decode(stream):
+        if full():
+            break
+        if fps is None:
+            yield k, frame
+            k += 1
+            continue
+        t = frame.time if frame.time is not None else index * period
+        index += 1
+        start = t if start is None else start
+        t -= start
+        # the previous frame is on screen until this one: emit it for every target time before t
+        while prev is not None and k / fps < t - 1e-6 and not full():
+            yield k, prev
+            k += 1
+        prev = frame
+    if fps is not None and prev is not None and not full():  # the last frame lasts one period
+        t_end = (prev.time - start if prev.time is not None else (index - 1) * period) + period
+        while k / fps < t_end - 1e-6 and not full():
+            yield k, prev
+            k += 1
+
+
 def read_video(path: str | Path, size: tuple[int, int] | None = None, max_frames: int | None = None,
                fps: float | None = None) -> Tensor:
     """Decode a video (or image) file to (C=3, F, H, W) float32 in [-1, 1].
@@ -169,54 +239,14 @@ def read_video(path: str | Path, size: tuple[int, int] | None = None, max_frames
     fps: resample to this frame rate by timestamp: output frame k at time k / fps shows the
          source frame on screen at that time (drops frames, or repeats them when upsampling).
     """
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
     out = []  # list of (3, H, W) float
-    try:
-        if not container.streams.video:
-            raise ValueError(f"cannot read video {path}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        rate = stream.average_rate or stream.guessed_rate or 25  # source fps, for frame durations
-        period = 1 / float(rate)
-
-        def keep(frame):
+    with open_video(path) as (container, stream):
+        for _, frame in resampled_frames(container, stream, fps, stop=max_frames):
             x = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # (3, H, W) uint8
             x = x.float().div(127.5).sub(1)[None]  # (1, 3, H, W) in [-1, 1]
             if size is not None:
                 x = resize_crop(x, size).clamp(-1, 1)
             out.append(x[0])
-
-        def full():
-            return max_frames is not None and len(out) >= max_frames
-
-        start, prev, k, index = None, None, 0, 0  # k: next output frame index (fps mode)
-        for frame in container.decode(stream):
-            if full():
-                break
-            if fps is None:
-                keep(frame)
-                continue
-            t = frame.time if frame.time is not None else index * period
-            index += 1
-            start = t if start is None else start
-            t -= start
-            # the previous frame is on screen until this one: emit it for every target time before t
-            while prev is not None and k / fps < t - 1e-6 and not full():
-                keep(prev)
-                k += 1
-            prev = frame
-        if fps is not None and prev is not None and not full():  # the last frame lasts one period
-            t_end = (prev.time - start if prev.time is not None else (index - 1) * period) + period
-            while k / fps < t_end - 1e-6 and not full():
-                keep(prev)
-                k += 1
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
-    finally:
-        container.close()
     if not out:
         raise ValueError(f"cannot read video {path}: no frames decoded")
     return torch.stack(out, dim=1)  # (3, F, H, W)

@@ -33,12 +33,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..video import read_image, resize_crop
+from ..video import frame_period, open_video, read_image, resampled_frames, resize_crop
 
 logger = logging.getLogger("ca2vdm.data")
 
@@ -76,10 +75,10 @@ def _one_torch_thread():
 
 
 def _resampled_count(duration: float, fps: float) -> int:
-    """How many output frames k (at times k / fps) read_video emits before ``duration``."""
+    """How many output frames k (at times k / fps) resampled_frames emits before ``duration``."""
     limit = duration - 1e-6
     k = max(0, math.floor(limit * fps) - 1)
-    while k / fps < limit:  # the same float test as read_video, so the counts agree exactly
+    while k / fps < limit:  # the same float test as resampled_frames, so the counts agree exactly
         k += 1
     return k
 
@@ -104,53 +103,14 @@ def _decode_clip(path, size, fps, indices) -> tuple[Tensor | None, int]:
     wanted = None if indices is None else sorted({int(k) for k in indices})
     stop = None if not wanted else wanted[-1] + 1
     keep = {} if wanted is None else dict.fromkeys(wanted)
-    state = {"k": 0, "last": None}  # output index; (frame, tensor) of the last conversion
-
-    def emit(frame):
-        k = state["k"]
-        if indices is None or k in keep:
-            last = state["last"]
-            if last is None or last[0] is not frame:  # repeated frames (upsampling) convert once
-                last = state["last"] = (frame, _frame_tensor(frame, size))
-            keep[k] = last[1]
-        state["k"] = k + 1
-
-    def full():
-        return stop is not None and state["k"] >= stop
-
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
-    try:
-        if not container.streams.video:
-            raise ValueError(f"cannot read video {path}: no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        period = 1 / float(stream.average_rate or stream.guessed_rate or 25)
-        start, prev, index = None, None, 0
-        for frame in container.decode(stream):  # mirrors read_video's resampling, step by step
-            if full():
-                break
-            if fps is None:
-                emit(frame)
-                continue
-            t = frame.time if frame.time is not None else index * period
-            index += 1
-            start = t if start is None else start
-            t -= start
-            while prev is not None and state["k"] / fps < t - 1e-6 and not full():
-                emit(prev)
-            prev = frame
-        if fps is not None and prev is not None and not full():  # the last frame lasts one period
-            t_end = (prev.time - start if prev.time is not None else (index - 1) * period) + period
-            while state["k"] / fps < t_end - 1e-6 and not full():
-                emit(prev)
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
-    finally:
-        container.close()
-    count = state["k"]
+    count, last = 0, None  # output frames seen; (frame, tensor) of the last conversion
+    with open_video(path) as (container, stream):
+        for k, frame in resampled_frames(container, stream, fps, stop):
+            count = k + 1
+            if indices is None or k in keep:
+                if last is None or last[0] is not frame:  # repeated frames (upsampling) convert once
+                    last = (frame, _frame_tensor(frame, size))
+                keep[k] = last[1]
     if count == 0:
         raise ValueError(f"cannot read video {path}: no frames decoded")
     if indices is not None and not wanted:
@@ -170,15 +130,8 @@ def probe_video(path: str | Path, fps: float | None = None) -> int:
     ordinary files; a file whose decoder drops packets can yield fewer frames, which the
     datasets notice (and correct) when they read it. Raises ValueError "cannot read video ...".
     """
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError) as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
-    try:
-        if not container.streams.video:
-            raise ValueError(f"cannot read video {path}: no video stream")
-        stream = container.streams.video[0]
-        period = 1 / float(stream.average_rate or stream.guessed_rate or 25)
+    with open_video(path) as (container, stream):
+        period = frame_period(stream)
         n, pts, decoded = 0, [], False
         for packet in container.demux(stream):
             if not decoded:  # decode until the first frame comes out (includes the flush packet)
@@ -188,10 +141,6 @@ def probe_video(path: str | Path, fps: float | None = None) -> int:
             n += 1
             if packet.pts is not None:
                 pts.append(packet.pts)
-    except av.error.FFmpegError as e:
-        raise ValueError(f"cannot read video {path}: {e}") from e
-    finally:
-        container.close()
     if not decoded or n == 0:
         raise ValueError(f"cannot read video {path}: no frames decoded")
     if fps is None:
