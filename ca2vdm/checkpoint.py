@@ -110,3 +110,14 @@ def load_state(model: torch.nn.Module, state: dict, source) -> None:
             parts.append(f"shape mismatch: {shapes[0]}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def export_checkpoint(src, dst, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a generation-only copy of checkpoint ``src`` to ``dst``: config.json (metadata kept) and
+    model.safetensors cast to ``dtype``; optimizer state and raw weights are left behind."""
+    meta = read_config(src)
+    model = load_checkpoint(src)
+    extra = {k: v for k, v in meta.items() if k != "model"}
+    extra["exported_dtype"] = str(dtype).replace("torch.", "")
+    save_checkpoint(dst, model, extra, dtype=dtype)
+    return Path(dst)

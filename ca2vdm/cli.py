@@ -171,6 +171,68 @@ def _demo(args):
     _report(result)
 
 
+def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=4.0, seed=1000, batch=8,
+                    device="cpu", log=print) -> dict:
+    """Generate ``videos`` videos from the captions of held-out moving-digits clips and measure them
+    against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``)."""
+    import torch
+
+    from .checkpoint import load_checkpoint, read_config
+    from .data import MovingDigits
+    from .evaluate import digit_report, load_classifier
+    from .generate import generate_video
+    from .model import Text
+    from .text import get_text_encoder
+
+    model = load_checkpoint(checkpoint, device=device)
+    data = dict(read_config(checkpoint).get("data", {}))
+    if data.get("dataset", "moving-digits") != "moving-digits" or model.config.conditioning != "text":
+        raise ValueError("the moving-digits figures need a text-conditioned model trained on moving-digits")
+    size = model.config.frame_size[0]
+    gt = MovingDigits(videos, frames, size=size, max_digits=data.get("max_digits", 3), split="val", seed=seed)
+    items = [gt[i] for i in range(videos)]
+    enc = get_text_encoder("cpu")
+    out, t0 = [], time.perf_counter()
+    for b in range(0, videos, batch):
+        part = items[b:b + batch]
+        prompt = Text(*enc.encode([it["caption"] for it in part]))
+        out.append(generate_video(model, frames, prompt=prompt, steps=steps, guidance=guidance,
+                                  seed=[seed + b + i for i in range(len(part))]).float().cpu())
+        log(f"  generated {b + len(part)}/{videos} videos of {frames} frames ({time.perf_counter() - t0:.0f} s)")
+    gen = torch.cat(out).clamp(-1, 1)
+    gt_videos = torch.stack([it["video"] for it in items])
+    report = digit_report(load_classifier(), gen, [it["digits"] for it in items], gt_videos,
+                          chunk_frames=model.config.chunk_frames)
+    report["settings"] = dict(checkpoint=str(checkpoint), videos=videos, frames=frames, steps=steps,
+                              guidance=guidance, seed=seed)
+    return report
+
+
+def _eval(args):
+    import json
+
+    if args.data != "moving-digits":
+        raise ValueError(f"--data {args.data}: only moving-digits is measured so far")
+    report = evaluate_digits(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed)
+    text = json.dumps(report, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+        print(f"wrote {args.json}")
+    o = report["overall"]
+    print(json.dumps({k: o[k] for k in o if not isinstance(o[k], list)}, indent=2))
+
+
+def _export(args):
+    import torch
+
+    from .checkpoint import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    size = sum(f.stat().st_size for f in out.iterdir())
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
 def _train(args):
     from .train import load_run_config, train_from_config
 
@@ -231,6 +293,28 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: shipped model)")
     d.add_argument("--out-dir", default="outputs")
     d.set_defaults(func=_demo)
+
+    e = sub.add_parser("eval", help="measure a checkpoint's generated videos against held-out clips",
+                       description="Generate videos from the captions of held-out moving-digits clips and report, "
+                                   "per chunk, digit accuracy (a small digit classifier, relative to its accuracy on "
+                                   "the real clips), tracked digit speed and brightness drift, as JSON.")
+    e.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
+    e.add_argument("--data", default="moving-digits", help="evaluation data (moving-digits)")
+    e.add_argument("--videos", type=int, default=16)
+    e.add_argument("--frames", type=int, default=128)
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--guidance", type=float, default=4.0)
+    e.add_argument("--seed", type=int, default=1000, help="first held-out clip seed and generation seed")
+    e.add_argument("--json", help="write the full report here")
+    e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="write a generation-only copy of a checkpoint (e.g. fp16, to ship)",
+                       description="Copy a training checkpoint's EMA weights, cast to --dtype, with its config and "
+                                   "metadata; optimizer state and raw weights are left behind.")
+    x.add_argument("checkpoint", help="checkpoint directory, e.g. runs/digits/checkpoint")
+    x.add_argument("out", help="output directory, e.g. models/digits")
+    x.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    x.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="time shared / recompute-window / recompute-full generation",
                        description="Time every generation mode on a random-weight model of a preset: seconds per "
