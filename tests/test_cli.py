@@ -1,0 +1,146 @@
+"""The `ca2vdm` command, invoked as a user would, on tiny checkpoints."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ca2vdm.checkpoint import save_checkpoint
+
+from conftest import tiny_model
+
+
+def ca2vdm(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "ca2vdm.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory):
+    """A tiny text-conditioned model that starts from a prompt alone (MiniLM token states)."""
+    path = tmp_path_factory.mktemp("ckpt") / "text"
+    model = tiny_model(dtype=torch.float32, prefix_frames=0, conditioning="text", text_dim=384)
+    save_checkpoint(path, model, {"data": {"dataset": "moving-digits"}})
+    return path
+
+
+@pytest.fixture(scope="module")
+def image_checkpoint(tmp_path_factory):
+    """A tiny unconditioned model that continues one given frame."""
+    path = tmp_path_factory.mktemp("ckpt") / "image"
+    save_checkpoint(path, tiny_model(dtype=torch.float32, prefix_frames=1))
+    return path
+
+
+def test_every_subcommand_has_help():
+    for sub in ("", "generate", "demo", "train", "eval", "export", "bench"):
+        r = ca2vdm(*([sub] if sub else []), "--help")
+        assert r.returncode == 0 and "usage: ca2vdm" in r.stdout, (sub, r.stderr)
+
+
+def test_generate_streams_to_file_and_saves_latents(text_checkpoint, tmp_path):
+    out, lat = tmp_path / "v.mp4", tmp_path / "lat.safetensors"
+    r = ca2vdm("generate", "--checkpoint", text_checkpoint, "--frames", 9, "--prompt", "a 3 moving left",
+               "--negative-prompt", "blurry", "--steps", 2, "--out", out, "--save-latents", lat)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out}" in r.stdout and "time to first chunk" in r.stdout and "frames/s" in r.stdout
+    assert out.stat().st_size > 0
+    latents = load_file(str(lat))["latents"]
+    assert latents.shape == (1, 3, 9, 8, 8) and latents.dtype == torch.float32
+    # the exact oracle gives the same latents end to end
+    lat2 = tmp_path / "lat2.safetensors"
+    r = ca2vdm("generate", "--checkpoint", text_checkpoint, "--frames", 9, "--prompt", "a 3 moving left",
+               "--negative-prompt", "blurry", "--steps", 2, "--out", tmp_path / "v2.gif", "--save-latents", lat2,
+               "--cache", "recompute-full")
+    assert r.returncode == 0, r.stderr
+    assert (load_file(str(lat2))["latents"] - latents).abs().max() < 1e-4
+
+
+def test_prompts_file_makes_one_video_per_line(text_checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a 1 moving up\n\na 2 moving down\n")
+    r = ca2vdm("generate", "--checkpoint", text_checkpoint, "--frames", 4, "--prompts-file", prompts, "--steps", 1,
+               "--out", tmp_path / "batch.gif")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "batch_0.gif").exists() and (tmp_path / "batch_1.gif").exists()
+
+
+def test_first_frame_from_image_and_video(image_checkpoint, tmp_path):
+    from ca2vdm.video import VideoWriter
+
+    clip = tmp_path / "start.mp4"
+    with VideoWriter(clip, fps=8) as w:
+        w.write(torch.rand(3, 5, 16, 16) * 2 - 1)
+    r = ca2vdm("generate", "--checkpoint", image_checkpoint, "--frames", 5, "--first-frame", clip, "--steps", 1,
+               "--out", tmp_path / "cont.mp4")
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--checkpoint", "/nonexistent/ckpt", "--frames", 9, "--prompt", "x"], "checkpoint directory not found"),
+    (["--frames", 2, "--prompt", "x"], "less than one chunk"),
+    (["--frames", 9, "--label", 3], "takes no --label"),
+    (["--frames", 9, "--prompt", "x", "--first-frame", "/nonexistent.png"], "takes no --first-frame"),
+    (["--frames", 9, "--prompt", "x", "--device", "cuda"], "CUDA is not available"),
+    (["--frames", 9], "give --prompt"),
+])
+def test_generate_errors_are_one_line(text_checkpoint, args, message):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    if "--checkpoint" not in args:
+        args = ["--checkpoint", text_checkpoint, *args]
+    r = ca2vdm("generate", *args)
+    assert r.returncode != 0
+    assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_unreadable_first_frame_and_prompt_to_unconditioned_model(image_checkpoint, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    r = ca2vdm("generate", "--checkpoint", image_checkpoint, "--frames", 5, "--first-frame", bad)
+    assert r.returncode != 0 and "cannot read video" in r.stderr and "Traceback" not in r.stderr
+    r = ca2vdm("generate", "--checkpoint", image_checkpoint, "--frames", 5, "--prompt", "a 3")
+    assert r.returncode != 0 and "takes no --prompt" in r.stderr
+
+
+def test_export_writes_a_smaller_fp16_copy(text_checkpoint, tmp_path):
+    r = ca2vdm("export", text_checkpoint, tmp_path / "fp16")
+    assert r.returncode == 0, r.stderr
+    src = (text_checkpoint / "model.safetensors").stat().st_size
+    assert (tmp_path / "fp16" / "model.safetensors").stat().st_size < 0.6 * src
+    assert load_file(str(tmp_path / "fp16" / "model.safetensors"))["patch_embed.weight"].dtype == torch.float16
+
+
+def test_train_two_steps_then_resume(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(f"""out_dir: {tmp_path / 'run'}
+model: {{in_channels: 3, frame_size: 8, patch: 2, hidden: 32, depth: 1, heads: 2, chunk_frames: 2,
+         prefix_frames: 1, max_context_frames: 3, conditioning: class, num_classes: 10}}
+data: {{dataset: moving-digits, num_clips: 16, size: 8, digit_size: 5, val_clips: 2}}
+train: {{steps: 2, batch_size: 2, eval_every: 2, save_every: 1, log_every: 1, val_clips: 2}}
+""")
+    r = ca2vdm("train", cfg)
+    assert r.returncode == 0, r.stderr
+    assert "step 2/2" in r.stdout and (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
+    r = ca2vdm("train", cfg, "--set", "train.steps=3")
+    assert r.returncode == 0 and "resumed from" in r.stdout and "step 3/3" in r.stdout
+    r = ca2vdm("train", cfg, "--set", "trian.steps=3")
+    assert r.returncode != 0 and "unknown sections trian" in r.stderr
+
+
+def test_bench_tiny_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = ca2vdm("bench", "--preset", "tiny", "--frames", 17, "--steps", 1, "--json", out)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert set(result["modes"]) == {"shared", "recompute-window", "recompute-full", "limit"}
+    for mode in result["modes"].values():
+        assert {"step_seconds", "total_seconds", "cache_bytes", "peak_mem_bytes"} <= set(mode)
+        assert len(mode["step_seconds"]) == 2  # (17 - 1) / 8 chunks
+    assert set(result["ratios"]) == {"recompute_window_over_shared", "recompute_full_over_shared",
+                                     "shared_over_limit", "shared_last_over_first_step"}
+    assert result["live2diff_cache_bytes"] == result["modes"]["shared"]["cache_bytes"]  # T = 1
+    assert "ratios:" in r.stdout
