@@ -6,8 +6,8 @@ The loop (Ca2-VDM, Algorithm 1 in spirit)::
     for chunk k = 1, 2, ...:
         x <- noise(seed, sample, k)
         for each sampling step i:  x <- step(x, model(x, t_i | cache))   # cache only read
-        yield x
-        write(x)                                                     # one clean pass, K/V enqueued
+        write(x)                                 # one clean pass, K/V enqueued (skipped for the last chunk)
+        yield x                                  # the generator keeps no reference to it
 
 Modes (``MODES``):
 

@@ -9,6 +9,9 @@ Every frame has its own diffusion time, (B, F), driving adaLN shift/scale/gate. 
     x += CrossAttn(norm_c(x), text)                optional text conditioning
     x += g2 * MLP(mod(norm2(x)))
 
+The cyclic TPE rows (or RoPE rotations) enter every block's temporal attention, not only block 0's
+as in STDiT: a stronger position signal, and exactness is unaffected.
+
 Two ways to run the same weights:
 
 * ``forward`` — a full-sequence forward over a clip, temporal attention masked by
