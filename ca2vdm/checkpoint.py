@@ -43,6 +43,11 @@ def save_checkpoint(path, model: CausalVideoDiT, extra: dict | None = None,
         if train_tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in train_tensors.items()},
                       str(tmp / "train.safetensors"))
+        umask = os.umask(0)  # mkdtemp makes a private directory: give it the usual permissions
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         old = None
         if path.exists():  # move the old one aside first, then swap, then delete it
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
