@@ -71,22 +71,12 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
     if frames < cfg.prefix_frames + cfg.chunk_frames:
         raise ValueError(f"--frames {frames} is less than one chunk: this model needs at least "
                          f"{cfg.prefix_frames + cfg.chunk_frames} ({cfg.prefix_frames} given + {cfg.chunk_frames})")
-    prompt = neg = labels = None
-    if prompts is not None:
-        if cfg.conditioning != "text":
-            raise ValueError(f"this model is {cfg.conditioning}-conditioned; it takes no --prompt"
-                             + (" (use --label)" if cfg.conditioning == "class" else ""))
-        from .text import get_text_encoder
-
-        enc = get_text_encoder("cpu")
-        prompt = Text(*enc.encode(prompts))
-        if negative:
-            neg = Text(*enc.encode([negative] * len(prompts)))
-    elif label is not None:
-        if cfg.conditioning != "class":
-            raise ValueError(f"this model has conditioning={cfg.conditioning!r}; it takes no --label")
-        labels = torch.tensor([label])
-    elif cfg.conditioning == "text":
+    if prompts is not None and cfg.conditioning != "text":
+        raise ValueError(f"this model is {cfg.conditioning}-conditioned; it takes no --prompt"
+                         + (" (use --label)" if cfg.conditioning == "class" else ""))
+    if label is not None and cfg.conditioning != "class":
+        raise ValueError(f"this model has conditioning={cfg.conditioning!r}; it takes no --label")
+    if prompts is None and label is None and cfg.conditioning == "text":
         raise ValueError("this model is text-conditioned: give --prompt or --prompts-file")
     batch = len(prompts) if prompts else 1
     if cfg.conditioning == "none":
@@ -94,6 +84,16 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
     first = _first_frames(first_frame, model, batch) if first_frame else None
     if cfg.prefix_frames and first is None:
         raise ValueError(f"this model continues {cfg.prefix_frames} given frame(s): pass --first-frame")
+    prompt = neg = labels = None
+    if prompts is not None:
+        from .text import get_text_encoder
+
+        enc = get_text_encoder("cpu")
+        prompt = Text(*enc.encode(prompts))
+        if negative:
+            neg = Text(*enc.encode([negative] * len(prompts)))
+    elif label is not None:
+        labels = torch.tensor([label])
 
     out = Path(out)
     paths = [out] if batch == 1 else [out.with_name(f"{out.stem}_{b}{out.suffix}") for b in range(batch)]

@@ -54,8 +54,16 @@ class TextEncoder:
             raise ImportError(f"ca2vdm.text needs transformers: pip install {PACKAGE}") from e
         self.device = torch.device(device)
         self.max_tokens = max_tokens
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        from transformers.utils import logging as hf_logging
+
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a local load needs no progress bar on stderr
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         self.model = self.model.to(self.device, torch.float32).eval().requires_grad_(False)
         assert self.model.config.hidden_size == self.dim
 

@@ -81,7 +81,7 @@ def test_first_frame_from_image_and_video(image_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--checkpoint", "/nonexistent/ckpt", "--frames", 9, "--prompt", "x"], "checkpoint directory not found"),
-    (["--frames", 2, "--prompt", "x"], "less than one chunk"),
+    (["--frames", 1, "--prompt", "x"], "less than one chunk"),
     (["--frames", 9, "--label", 3], "takes no --label"),
     (["--frames", 9, "--prompt", "x", "--first-frame", "/nonexistent.png"], "takes no --first-frame"),
     (["--frames", 9, "--prompt", "x", "--device", "cuda"], "CUDA is not available"),
