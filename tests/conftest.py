@@ -36,3 +36,12 @@ def random_text(batch, tokens, dim, dtype=torch.float64, seed=0, ragged=True) ->
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and thrash when the CPU is busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,13 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT_DIM = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash when the CPU is busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_config(**overrides) -> ModelConfig:
