@@ -67,13 +67,18 @@ class ChunkLayout:
         s = self.chunk_start(k)
         return s <= j <= i or s - self.max_context_frames <= j < s
 
-    def mask(self, q_frames: range, k_frames: range, device=None) -> torch.Tensor:
-        """Boolean (Fq, Fk) mask, True where query frame attends to key frame."""
+    def _sets(self, q_frames, k_frames, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(own, past), each (Fq, Fk) bool: key in the query's chunk up to the query / in its window."""
         q = torch.tensor(list(q_frames), device=device)
         k = torch.tensor(list(k_frames), device=device)
         qs = torch.tensor([self.chunk_start(self.chunk_of(f)) for f in q_frames], device=device)
         own = (k[None, :] >= qs[:, None]) & (k[None, :] <= q[:, None])
         past = (k[None, :] < qs[:, None]) & (k[None, :] >= qs[:, None] - self.max_context_frames)
+        return own, past
+
+    def mask(self, q_frames: range, k_frames: range, device=None) -> torch.Tensor:
+        """Boolean (Fq, Fk) mask, True where query frame attends to key frame."""
+        own, past = self._sets(q_frames, k_frames, device)
         return own | past
 
     def teacher_forcing_mask(self, frames: int, device=None) -> torch.Tensor:
@@ -83,19 +88,13 @@ class ChunkLayout:
         frames of chunk k's window and to the noisy copies of chunk k up to itself — exactly the set a
         denoising step of chunk k sees in cached inference. Clean frames never see noisy ones.
         """
-        p = min(self.prefix_frames, frames)
-        clean = range(frames)
-        noisy = range(p, frames)
-        F_, N = len(clean), len(noisy)
-        out = torch.zeros(F_ + N, F_ + N, dtype=torch.bool, device=device)
-        out[:F_, :F_] = self.mask(clean, clean, device)
-        if N:
-            q = torch.tensor(list(noisy), device=device)
-            qs = torch.tensor([self.chunk_start(self.chunk_of(f)) for f in noisy], device=device)
-            k = torch.tensor(list(clean), device=device)
-            out[F_:, :F_] = (k[None] < qs[:, None]) & (k[None] >= qs[:, None] - self.max_context_frames)
-            kn = q
-            out[F_:, F_:] = (kn[None] >= qs[:, None]) & (kn[None] <= q[:, None])
+        clean, noisy = range(frames), range(min(self.prefix_frames, frames), frames)
+        n = len(clean)
+        out = torch.zeros(n + len(noisy), n + len(noisy), dtype=torch.bool, device=device)
+        out[:n, :n] = self.mask(clean, clean, device)
+        if len(noisy):
+            out[n:, :n] = self._sets(noisy, clean, device)[1]  # clean frames of the window
+            out[n:, n:] = self._sets(noisy, noisy, device)[0]  # own noisy chunk, causally
         return out
 
 

@@ -234,13 +234,12 @@ def attend(q, k, v, mask=None):
 class FrameContext:
     """What a forward needs to know about the frames it processes.
 
-    frames: absolute frame indices of the input. tpe: (F, D) cyclic rows or None. rope: (cos, sin)
-    per frame or None. mask: (F, F) temporal attention set for a full-sequence forward. cache and
-    write: the KV cache of a cached forward and whether this is the clean write pass.
+    tpe: (F, D) cyclic rows or None. rope: (cos, sin) per frame or None. mask: (F, F) temporal
+    attention set for a full-sequence forward. cache and write: the KV cache of a cached forward
+    and whether this is the clean write pass.
     prefix_groups: full-sequence prefix enhancement, (query span, key span) in local indices.
     """
 
-    frames: range
     tpe: torch.Tensor | None = None
     rope: tuple | None = None
     mask: torch.Tensor | None = None
@@ -601,7 +600,7 @@ class CausalVideoDiT(nn.Module):
         Fr = x.shape[2]
         frames = range(start, start + Fr)
         tpe, rope = self._positions(frames, tpe_shift)
-        ctx = FrameContext(frames, tpe, rope, mask=self.layout.mask(frames, frames, x.device))
+        ctx = FrameContext(tpe, rope, mask=self.layout.mask(frames, frames, x.device))
         if self.config.prefix_enhance:
             ctx.prefix_groups = self.prefix_groups(frames)
         return self._run(x, t, cond, ctx, return_hidden)
@@ -626,7 +625,7 @@ class CausalVideoDiT(nn.Module):
         self._check_input(x, t, cond)
         frames = list(range(Fr)) + list(range(p, Fr))  # a noisy copy sits at its clean frame's position
         tpe, rope = self._positions(frames, tpe_shift)
-        ctx = FrameContext(range(Fr + Fr - p), tpe, rope, mask=self.layout.teacher_forcing_mask(Fr, x.device))
+        ctx = FrameContext(tpe, rope, mask=self.layout.teacher_forcing_mask(Fr, x.device))
         if self.config.prefix_enhance:
             noisy_groups = [((q0 + Fr, q1 + Fr), ks) for (q0, q1), ks in self.prefix_groups(range(p, Fr), 0)]
             ctx.prefix_groups = self.prefix_groups(range(Fr)) + noisy_groups  # noisy copies read clean keys
@@ -662,7 +661,7 @@ class CausalVideoDiT(nn.Module):
         cache.check_chunk(Fr)
         frames = range(cache.frames_written, cache.frames_written + Fr)
         tpe, rope = self._positions(frames, 0)
-        ctx = FrameContext(frames, tpe, rope, cache=cache, write=write)
+        ctx = FrameContext(tpe, rope, cache=cache, write=write)
         result = self._run(x, t, cond, ctx, return_hidden, skip_output=write)
         if write:
             cache.advance(Fr)
