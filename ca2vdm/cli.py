@@ -95,13 +95,15 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
     elif label is not None:
         labels = torch.tensor([label])
 
-    out = Path(out)
-    paths = [out] if batch == 1 else [out.with_name(f"{out.stem}_{b}{out.suffix}") for b in range(batch)]
-    extra = [[Path(e)] if batch == 1 else [Path(e).with_name(f"{Path(e).stem}_{b}{Path(e).suffix}") for b in range(batch)]
-             for e in extra_outputs]
-    for path in paths + [q for e in extra for q in e]:
+    def per_video(path):  # one file per video: name_0.mp4, name_1.mp4, ... for a batch
+        path = Path(path)
+        return [path] if batch == 1 else [path.with_name(f"{path.stem}_{b}{path.suffix}") for b in range(batch)]
+
+    groups = [per_video(o) for o in (out, *extra_outputs)]  # (outputs, videos)
+    paths = [q for group in groups for q in group]
+    for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-    writers = [[VideoWriter(q, fps=fps, scale=scale) for q in group] for group in [paths, *extra]]
+    writers = [[VideoWriter(q, fps=fps, scale=scale) for q in group] for group in groups]
     stats, latents = GenerationStats(), []
     try:
         from tqdm import tqdm
@@ -133,7 +135,7 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
 
         Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
         save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(save_latents))
-    return dict(paths=paths, extra=extra, seconds=seconds, stats=stats, frames=frames, batch=batch)
+    return dict(paths=paths, seconds=seconds, stats=stats, frames=frames, batch=batch)
 
 
 def _report(result):
@@ -141,7 +143,7 @@ def _report(result):
     print(f"time to first chunk: {s.seconds_to_first_chunk:.2f} s; "
           f"{result['frames'] * result['batch'] / result['seconds']:.1f} frames/s "
           f"({s.chunks} chunks, {s.denoise_calls} denoising forwards, {s.write_calls} cache writes)")
-    for p in result["paths"] + [q for e in result["extra"] for q in e]:
+    for p in result["paths"]:
         print(f"wrote {p}")
 
 
