@@ -15,6 +15,7 @@ already inside them), so a write that wraps around the ring needs no reordering.
 is a host integer: no ``torch.roll``, no ``.item()``, no copy of the cache.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +107,8 @@ class KVCache:
     chunk being denoised. With prefix enhancement, ``pk[b]``, ``pv[b]`` of shape (B, H, R, S, d)
     hold the spatial K/V of the last R clean frames (a ring of R slots, no staging needed).
 
-    One clean write pass per chunk fills it (``begin_write`` ... ``end_write``); every denoising
-    step of the next chunks reads it. With classifier-free guidance the batch is 2B: the
+    One clean write pass per chunk fills it (``stage`` then ``commit`` in every block, then
+    ``advance``); every denoising step of the next chunks reads it. With classifier-free guidance the batch is 2B: the
     unconditional branch has its own half of every buffer and is written by the same pass.
     """
 
@@ -154,6 +155,17 @@ class KVCache:
         if q != self.layout.chunk_len(k):
             raise ValueError(f"chunk {k} has {self.layout.chunk_len(k)} frames, got {q}")
         return k
+
+    def rows(self, rows: list[int]) -> "KVCache":
+        """The same cache restricted to some batch rows, for a denoising step run on part of the
+        batch (step caching). A contiguous run of rows is a view; other selections are copies.
+        Either way it is only read and staged into, never committed."""
+        sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+        sub = copy.copy(self)
+        sub.batch = len(rows)
+        sub.k, sub.v = [t[sel] for t in self.k], [t[sel] for t in self.v]
+        sub.pk, sub.pv = [t[sel] for t in self.pk], [t[sel] for t in self.pv]
+        return sub
 
     # -- temporal K/V ------------------------------------------------------------------------
     def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

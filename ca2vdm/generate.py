@@ -45,6 +45,8 @@ class GenerationStats:
     denoise_calls: int = 0   # network forwards for denoising (a guided step counts once: 2B batch)
     write_calls: int = 0     # clean write passes (shared mode) or history appends
     cache_bytes: int = 0
+    steps_computed: int = 0  # denoising row-steps whose block stack ran (all of them without a step cache)
+    steps_total: int = 0     # denoising row-steps (rows = videos, x2 with guidance)
     seconds_to_first_chunk: float | None = None
     chunk_seconds: list = field(default_factory=list)
 
@@ -169,6 +171,10 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
             raise ValueError(f"this model starts from {p} given frame(s): first_frames must be {expected}, got {got}")
     elif first_frames is not None:
         raise ValueError("this model has prefix_frames=0 (a prompt alone starts the video); do not pass first_frames")
+    step_cache = model.step_cache
+    if step_cache is not None and mode != "shared":
+        raise ValueError(f"step caching runs inside the cached loop: use mode='shared' (got {mode!r}), "
+                         "or call model.disable_step_cache()")
     if negative_prompt is not None and cfg.conditioning != "text":
         raise ValueError("a negative prompt needs a text-conditioned model")
 
@@ -214,9 +220,14 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
     for k in range(1, n_chunks + 1):
         tc = time.perf_counter()
         x = chunk_noise(seeds, k, frame_shape, dtype=dt, device=dev)
+        if step_cache is not None:  # the reuse state starts afresh in every chunk
+            step_cache.begin_chunk(len(sampler.timesteps), B * mult)
+            before = step_cache.computed
         for i, tv in enumerate(sampler.timesteps):
             xin = torch.cat([x, x]) if guided else x
             t = torch.full((B * mult, l), tv, dtype=torch.float64, device=dev)
+            if step_cache is not None:
+                step_cache.begin_step(i)
             with amp():
                 pred = engine.denoise(xin, t).to(dt)
             stats.denoise_calls += 1
@@ -224,6 +235,12 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
                 cond_pred, uncond_pred = pred.chunk(2)
                 pred = uncond_pred + guidance * (cond_pred - uncond_pred)
             x = sampler.step(x, pred, i)
+        stats.steps_total += B * mult * len(sampler.timesteps)
+        if step_cache is not None:
+            step_cache.end_chunk()  # the write pass below always runs the whole network
+            stats.steps_computed += step_cache.computed - before
+        else:
+            stats.steps_computed += B * mult * len(sampler.timesteps)
         if k < n_chunks:  # the last chunk has no successor to condition: no write pass
             with amp():
                 engine.append(context(x, k))

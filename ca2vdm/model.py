@@ -25,7 +25,7 @@ the conditioning, both compute the same numbers (tested to 1e-9 in float64).
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -35,6 +35,7 @@ import torch.utils.checkpoint
 from .cache import ChunkLayout, KVCache
 from .diffusion import make_diffusion
 from .positions import CyclicTPE, RoPE, sincos_2d
+from .stepcache import StepCache, StepCacheConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,6 +239,7 @@ class FrameContext:
     attention set for a full-sequence forward. cache and write: the KV cache of a cached forward
     and whether this is the clean write pass.
     prefix_groups: full-sequence prefix enhancement, (query span, key span) in local indices.
+    tap: a block whose gated temporal-attention residual is kept in ``tapped`` (step caching).
     """
 
     tpe: torch.Tensor | None = None
@@ -246,6 +248,12 @@ class FrameContext:
     cache: KVCache | None = None
     write: bool = False
     prefix_groups: list = field(default_factory=list)
+    tap: int = -1
+    tapped: torch.Tensor | None = None
+
+    def rows(self, rows: list[int]) -> "FrameContext":
+        """The context of a cached forward over some batch rows (positions are per frame)."""
+        return replace(self, cache=self.cache.rows(rows), tapped=None)
 
 
 def modulate(x, shift, scale):
@@ -381,7 +389,10 @@ class Block(nn.Module):
         h = modulate(self.norm_t(x), st, sct)
         if ctx.tpe is not None:
             h = h + ctx.tpe[:, None, :]  # (F, 1, D)
-        x = x + gt * self.temporal(h, ctx, index)
+        r = gt * self.temporal(h, ctx, index)
+        if ctx.tap == index:
+            ctx.tapped = r
+        x = x + r
         if self.cross is not None:
             x = x + self.cross(self.norm_c(x), cond.kv[index], cond.mask)
         x = x + g2 * self.mlp(modulate(self.norm2(x), s2, sc2))
@@ -414,6 +425,12 @@ class Condition:
     label: torch.Tensor | None = None  # (B, D)
     batch: int = 0
 
+    def rows(self, rows: list[int]) -> "Condition":
+        """The conditioning of some batch rows."""
+        pick = (lambda t: None if t is None else t[rows])
+        kv = None if self.kv is None else [(k[rows], v[rows]) for k, v in self.kv]
+        return Condition(kv, pick(self.mask), pick(self.label), len(rows))
+
 
 # --------------------------------------------------------------------------------------------
 # The model
@@ -439,6 +456,7 @@ class CausalVideoDiT(nn.Module):
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.final_proj = nn.Linear(D, C * p * p)
         self.grad_checkpointing = False  # recompute block activations in backward (training only)
+        self.step_cache: StepCache | None = None  # see enable_step_cache
         self.diffusion = make_diffusion(cfg.objective, cfg.num_train_timesteps, cfg.flow_shift,
                                         cfg.beta_start, cfg.beta_end, cfg.ddim_spacing)
         self.initialize_weights()
@@ -572,19 +590,66 @@ class CausalVideoDiT(nn.Module):
             cond = self.condition(x.shape[0])
         h, c = self._embed(x, t, cond)
         hidden = []
-        for i, block in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and ctx.cache is None:
-                h = torch.utils.checkpoint.checkpoint(block, h, c, cond, ctx, i, use_reentrant=False)
-            else:
-                h = block(h, c, cond, ctx, i)
-            if return_hidden:
-                hidden.append(h)
+        sc = self.step_cache
+        if sc is not None and sc.active and ctx.cache is not None and not ctx.write and not return_hidden:
+            h = self._blocks_step_cached(h, c, cond, ctx, sc)
+        else:
+            for i, block in enumerate(self.blocks):
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled() and ctx.cache is None:
+                    h = torch.utils.checkpoint.checkpoint(block, h, c, cond, ctx, i, use_reentrant=False)
+                else:
+                    h = block(h, c, cond, ctx, i)
+                if return_hidden:
+                    hidden.append(h)
         if skip_output:
             out = None
         else:
             shift, scale = self.final_adaLN(c)[:, :, None].chunk(2, dim=-1)
             out = self.unpatchify(self.final_proj(modulate(self.final_norm(h), shift, scale)))
         return (out, hidden) if return_hidden else out
+
+    def _blocks_step_cached(self, h, c, cond, ctx, sc: StepCache):
+        """The block stack of a denoising step under step caching. h (B, F, S, D) embeddings.
+
+        Rows the policy marks as due run the (skippable part of the) stack and their residual is
+        kept; the other rows add the residual kept on their last computed step.
+        """
+        B = h.shape[0]
+        sc.count_step(B)
+        if sc.start:  # first-block: block 0 always runs, its residual decides
+            h0, h = h, self.blocks[0](h, c, cond, ctx, 0)
+            rows = sc.rows_after_first_block(h - h0)
+        else:
+            rows = sc.rows_to_compute()
+        if not rows:
+            return h + sc.residual.to(h.dtype)
+        part = len(rows) < B
+        hr, cr = (h[rows], c[rows]) if part else (h, c)
+        ctx_r, cond_r = (ctx.rows(rows), cond.rows(rows)) if part else (ctx, cond)
+        ctx_r.tap = -1 if sc.tap_block is None else sc.tap_block
+        out = hr
+        for i in range(sc.start, len(self.blocks)):
+            out = self.blocks[i](out, cr, cond_r, ctx_r, i)
+        sc.keep(rows, out - hr, ctx_r.tapped)
+        if not part:
+            return out
+        h = h + sc.residual.to(h.dtype)
+        h[rows] = out
+        return h
+
+    def enable_step_cache(self, config: "str | StepCacheConfig" = "adacache") -> StepCache:
+        """Turn on training-free step caching for cached generation (``generate`` in ``shared`` mode).
+
+        config: a ``StepCacheConfig`` or a spec string — ``adacache``, ``adacache-moreg``,
+        ``fixed:N`` or ``first-block:THRESHOLD``. Returns the ``StepCache`` (its counters tell how
+        many denoising steps ran the block stack). Write passes and plain forwards are unaffected.
+        """
+        self.step_cache = StepCache(StepCacheConfig.parse(config), self.config.depth)
+        return self.step_cache
+
+    def disable_step_cache(self) -> None:
+        """Back to computing every denoising step."""
+        self.step_cache = None
 
     # -- the two forwards ----------------------------------------------------------------------
     def forward(self, x, t, cond: Condition | None = None, start: int = 0, tpe_shift: int = 0,

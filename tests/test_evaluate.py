@@ -134,3 +134,29 @@ def test_digit_report_gt_vs_itself(classifier, gt):
     report = digit_report(classifier, fade, digits, videos, chunk_frames=4, horizons=(16,))
     assert report["acc"][-1] == 0.0 and report["acc_ratio"][-1] == 0.0
     assert report["brightness_drift"] < 0
+
+
+def test_psnr_and_ssim_by_hand():
+    from ca2vdm.evaluate import fidelity, psnr, ssim
+
+    a = torch.zeros(1, 3, 2, 16, 16)
+    b = a.clone()
+    b[:, :, 1] += 0.1  # MSE 0.01 on frame 1 over a range of width 2: 10 log10(4 / 0.01)
+    p = psnr(a, b)
+    assert p[0, 0] == float("inf") and p[0, 1].item() == pytest.approx(10 * math.log10(400.0))
+    # constant frames: the variance terms vanish, SSIM = (2 m1 m2 + c1) / (m1^2 + m2^2 + c1)
+    x = torch.full((1, 1, 1, 12, 12), 0.3, dtype=torch.float64)
+    y = torch.full((1, 1, 1, 12, 12), -0.2, dtype=torch.float64)
+    c1 = (0.01 * 2) ** 2
+    assert ssim(x, y).item() == pytest.approx((2 * 0.3 * -0.2 + c1) / (0.09 + 0.04 + c1), rel=1e-9)
+    g = torch.Generator().manual_seed(0)
+    v = torch.rand(2, 3, 4, 32, 32, generator=g) * 2 - 1
+    assert torch.allclose(ssim(v, v), torch.ones(2, 4, dtype=torch.float64))
+    noisy = [v + s * torch.randn(v.shape, generator=g) for s in (0.05, 0.2, 0.5)]
+    ss = [ssim(v, n).mean().item() for n in noisy]
+    ps = [psnr(v, n).mean().item() for n in noisy]
+    assert ss[0] > ss[1] > ss[2] and ps[0] > ps[1] > ps[2]
+    f = fidelity(noisy[0], v, chunk_frames=2)
+    assert len(f["psnr_per_chunk"]) == 2 and f["ssim"] == pytest.approx(ss[0])
+    with pytest.raises(ValueError, match="differ in shape"):
+        fidelity(v[:, :, :2], v, 2)
