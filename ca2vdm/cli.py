@@ -57,7 +57,7 @@ def _first_frames(path, model, batch):
 
 def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, first_frame=None,
                    guidance=4.0, steps=20, seed=0, cache="shared", out="outputs/video.mp4", save_latents=None,
-                   device="cpu", dtype="float32", extra_outputs=(), fps=8, scale=4):
+                   device="cpu", dtype="float32", extra_outputs=(), fps=8, scale=4, step_cache=None):
     """Load a checkpoint, generate, append each chunk to the output file(s) as it completes."""
     import torch
 
@@ -68,6 +68,10 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
 
     model = load_checkpoint(checkpoint, device=device, dtype=getattr(torch, dtype))
     cfg = model.config
+    if step_cache:
+        if cache != "shared":
+            raise ValueError(f"--step-cache works inside the shared-cache loop; it cannot be used with --cache {cache}")
+        model.enable_step_cache(step_cache)
     if frames < cfg.prefix_frames + cfg.chunk_frames:
         raise ValueError(f"--frames {frames} is less than one chunk: this model needs at least "
                          f"{cfg.prefix_frames + cfg.chunk_frames} ({cfg.prefix_frames} given + {cfg.chunk_frames})")
@@ -135,7 +139,7 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
 
         Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
         save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(save_latents))
-    return dict(paths=paths, seconds=seconds, stats=stats, frames=frames, batch=batch)
+    return dict(paths=paths, seconds=seconds, stats=stats, frames=frames, batch=batch, step_cache=step_cache)
 
 
 def _report(result):
@@ -143,6 +147,9 @@ def _report(result):
     print(f"time to first chunk: {s.seconds_to_first_chunk:.2f} s; "
           f"{result['frames'] * result['batch'] / result['seconds']:.1f} frames/s "
           f"({s.chunks} chunks, {s.denoise_calls} denoising forwards, {s.write_calls} cache writes)")
+    if result.get("step_cache"):
+        print(f"step cache {result['step_cache']}: block stack computed on {s.steps_computed} of {s.steps_total} "
+              f"denoising steps ({s.steps_computed / s.steps_total:.1%}; counted per video and guidance branch)")
     for p in result["paths"]:
         print(f"wrote {p}")
 
@@ -160,7 +167,7 @@ def _generate(args):
     device, _ = _device_and_dtype(args)
     result = run_generation(args.checkpoint, args.frames, prompts, args.label, args.negative_prompt, args.first_frame,
                             args.guidance, args.steps, args.seed, args.cache, args.out, args.save_latents,
-                            device, args.dtype, fps=args.fps, scale=args.scale)
+                            device, args.dtype, fps=args.fps, scale=args.scale, step_cache=args.step_cache)
     _report(result)
 
 
@@ -225,6 +232,33 @@ def _eval(args):
     print(json.dumps({k: o[k] for k in o if not isinstance(o[k], list)}, indent=2))
 
 
+def _bench_step_cache(args):
+    import json
+
+    from .bench import format_step_cache_table, plot_step_cache, step_cache_report
+    from .stepcache import StepCacheConfig
+
+    policies = args.policies.split(",") if args.policies else None
+    for p in policies or []:
+        StepCacheConfig.parse(p)  # a bad spec fails before anything is generated
+    if args.videos < 1 or args.frames < 1:
+        raise ValueError("--videos and --frames must be positive")
+    print(f"step-cache report: {args.videos} videos x {args.frames} frames, {args.steps} steps, every policy in "
+          f"this process")
+    kw = dict(policies=policies) if policies else {}
+    report = step_cache_report(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed,
+                               batch=args.batch, **kw)
+    print(format_step_cache_table(report))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_step_cache(report, args.plot)
+        print(f"wrote {args.plot}")
+
+
 def _export(args):
     import torch
 
@@ -280,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-latents", help="also save the latents (key 'latents', (B, C, F, H, W) float32) here")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
+    g.add_argument("--step-cache", metavar="POLICY",
+                   help="training-free step caching: adacache, adacache-moreg, fixed:N (reuse N steps) or "
+                        "first-block:THRESHOLD (shared mode only)")
     g.add_argument("--fps", type=float, default=8)
     g.add_argument("--scale", type=int, default=4, help="integer upscaling of the written frames (default 4)")
     g.set_defaults(func=_generate)
@@ -332,6 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run recompute-full (quadratic) on at most this many frames")
     b.add_argument("--json", help="also write the result as JSON to this file")
     b.set_defaults(func=_bench)
+
+    r = sub.add_parser("bench-step-cache", help="quality vs speed of the step-cache policies",
+                       description="Generate the same moving-digits prompts and seeds uncached and with every "
+                                   "step-cache policy, in one process; report the fraction of steps computed, "
+                                   "the wall-time speedup, PSNR/SSIM against the uncached videos per chunk, the "
+                                   "moving-digits figures, and the equal-compute baseline of fewer sampling steps.")
+    r.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="default: the shipped model")
+    r.add_argument("--videos", type=int, default=8)
+    r.add_argument("--frames", type=int, default=64)
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--guidance", type=float, default=4.0)
+    r.add_argument("--seed", type=int, default=2000, help="first held-out clip seed and generation seed")
+    r.add_argument("--batch", type=int, default=8, help="videos generated together")
+    r.add_argument("--policies", help="comma-separated, default: adacache,adacache-moreg,fixed:1,fixed:2,"
+                                      "first-block:0.05")
+    r.add_argument("--json", help="write the report here")
+    r.add_argument("--plot", help="write the quality-speed PNG here")
+    r.set_defaults(func=_bench_step_cache)
     return parser
 
 

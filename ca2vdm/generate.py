@@ -6,6 +6,7 @@ The loop (Ca2-VDM, Algorithm 1 in spirit)::
     for chunk k = 1, 2, ...:
         x <- noise(seed, sample, k)
         for each sampling step i:  x <- step(x, model(x, t_i | cache))   # cache only read
+                                   # (a step cache may skip the block stack and reuse a residual)
         write(x)                                 # one clean pass, K/V enqueued (skipped for the last chunk)
         yield x                                  # the generator keeps no reference to it
 

@@ -34,10 +34,11 @@ import torch
 
 # Metric threshold -> stride to the next computed step (1 = compute the next step too).
 # Long schedules: AdaCache's 30-step Open-Sora codebook. Short schedules (<= 20 steps, the library's
-# default is 20): the per-step change is larger and fewer steps remain to reuse, so thresholds are
-# higher and strides shorter; calibrated on the default moving-digits model (see the README).
+# default is 20): the per-step change is larger and fewer steps remain to reuse, so thresholds and
+# strides shorter; calibrated on the default moving-digits model, whose mid-schedule change per step
+# is 0.10-0.15 at 20 steps (so most steps get stride 2 or 3).
 CODEBOOK_LONG = {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1}
-CODEBOOK_SHORT = {0.10: 4, 0.20: 3, 0.35: 2, 1.00: 1}
+CODEBOOK_SHORT = {0.06: 4, 0.12: 3, 0.18: 2, 1.00: 1}
 SHORT_SCHEDULE_STEPS = 20
 
 POLICIES = ("adacache", "adacache-moreg", "fixed", "first-block")
@@ -55,7 +56,9 @@ class StepCacheConfig:
     moreg_*: motion regularisation — score m = ((mean over frame strides of the normalised
     frame-to-frame L1 difference) / moreg_scale) ** moreg_power, used within the fraction
     ``moreg_window`` of the schedule (1 outside it); the metric is multiplied by
-    m + mograd_mul * |m - m_prev| / steps_between.
+    m + mograd_mul * |m - m_prev| / steps_between. moreg_scale is the typical motion score, so
+    that m is about 1 for typical motion: 0.2 on the shipped moving-digits model (AdaCache uses
+    0.385 for Open-Sora); calibrate it for another model.
     """
 
     policy: str = "adacache"
@@ -65,7 +68,7 @@ class StepCacheConfig:
     block: int | None = None
     moreg_strides: tuple = (1,)
     moreg_window: tuple = (0.1, 0.9)
-    moreg_scale: float = 0.385
+    moreg_scale: float = 0.2
     moreg_power: float = 8.0
     mograd_mul: float = 10.0
 

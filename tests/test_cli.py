@@ -28,6 +28,16 @@ def text_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    """A tiny text model at the moving-digits frame size (32x32, patch 8: 16 tokens per frame)."""
+    path = tmp_path_factory.mktemp("ckpt") / "digits"
+    model = tiny_model(dtype=torch.float32, frame_size=32, patch=8, prefix_frames=0, conditioning="text",
+                       text_dim=384)
+    save_checkpoint(path, model, {"data": {"dataset": "moving-digits", "max_digits": 2}})
+    return path
+
+
+@pytest.fixture(scope="module")
 def image_checkpoint(tmp_path_factory):
     """A tiny unconditioned model that continues one given frame."""
     path = tmp_path_factory.mktemp("ckpt") / "image"
@@ -36,7 +46,7 @@ def image_checkpoint(tmp_path_factory):
 
 
 def test_every_subcommand_has_help():
-    for sub in ("", "generate", "demo", "train", "eval", "export", "bench"):
+    for sub in ("", "generate", "demo", "train", "eval", "export", "bench", "bench-step-cache"):
         r = ca2vdm(*([sub] if sub else []), "--help")
         assert r.returncode == 0 and "usage: ca2vdm" in r.stdout, (sub, r.stderr)
 
@@ -144,3 +154,47 @@ def test_bench_tiny_writes_json(tmp_path):
                                      "shared_over_limit", "shared_last_over_first_step"}
     assert result["live2diff_cache_bytes"] == result["modes"]["shared"]["cache_bytes"]  # T = 1
     assert "ratios:" in r.stdout
+
+
+def test_generate_with_step_cache(text_checkpoint, tmp_path):
+    out, lat = tmp_path / "s.gif", tmp_path / "s.safetensors"
+    r = ca2vdm("generate", "--checkpoint", text_checkpoint, "--frames", 9, "--prompt", "a 3 moving left",
+               "--steps", 6, "--step-cache", "fixed:2", "--out", out, "--save-latents", lat)
+    assert r.returncode == 0, r.stderr
+    # 5 chunks x 6 steps x 2 guidance rows; fixed:2 computes steps 0, 3, 5 of each chunk
+    assert "block stack computed on 30 of 60 denoising steps (50.0%" in r.stdout
+    assert load_file(lat)["latents"].shape == (1, 3, 9, 8, 8)
+    for bad, words in [(["--step-cache", "fixed:x"], "not a number"),
+                       (["--step-cache", "adacache", "--cache", "recompute-full"], "shared-cache loop")]:
+        r = ca2vdm("generate", "--checkpoint", text_checkpoint, "--frames", 9, "--prompt", "a 3", *bad)
+        assert r.returncode == 1 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_step_cache_report(digits_checkpoint, tmp_path):
+    from ca2vdm.bench import STEP_CACHE_POLICIES
+
+    js, png = tmp_path / "sc.json", tmp_path / "sc.png"
+    r = ca2vdm("bench-step-cache", "--checkpoint", digits_checkpoint, "--videos", 2, "--frames", 8, "--steps", 4,
+               "--policies", "fixed:1,first-block:0", "--batch", 2, "--json", js, "--plot", png)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(js.read_text())
+    runs = {x["name"]: x for x in report["runs"]}
+    assert set(runs) == {"uncached", "fixed:1", "first-block:0"}
+    exact = runs["first-block:0"]  # never reuses: identical to uncached (PSNR capped at 100 dB)
+    assert exact["fraction_computed"] == 1.0 and exact["psnr"] == 100.0 and exact["ssim"] == 1.0
+    assert runs["fixed:1"]["fraction_computed"] == 0.75  # steps 0, 2, 3 of 4
+    assert len(runs["fixed:1"]["psnr_per_chunk"]) == 4 and 0 < runs["fixed:1"]["ssim"] < 1
+    assert [b["steps"] for b in report["fewer_steps"]] == [3]  # the equal-compute baseline
+    assert png.stat().st_size > 10_000
+    assert ",".join(STEP_CACHE_POLICIES) in ca2vdm("bench-step-cache", "--help").stdout.replace("\n", "").replace(" ", "")
+
+
+def test_eval_moving_digits(digits_checkpoint, tmp_path):
+    js = tmp_path / "eval.json"
+    r = ca2vdm("eval", "--checkpoint", digits_checkpoint, "--videos", 2, "--frames", 8, "--steps", 2, "--json", js)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(js.read_text())
+    assert report["num_videos"] == 2 and report["frames"] == 8 and len(report["acc"]) == 4  # chunks of 2
+    assert report["overall"]["acc_gt_mean"] > 0.5  # the classifier reads the real clips
+    r = ca2vdm("eval", "--checkpoint", digits_checkpoint, "--data", "kinetics")
+    assert r.returncode == 1 and "moving-digits" in r.stderr and "Traceback" not in r.stderr
