@@ -16,6 +16,7 @@ same batches and noise as one that never stopped. Weights, EMA, optimizer moment
 saved with ``checkpoint.save_checkpoint`` (safetensors, atomic).
 """
 
+import contextlib
 import csv
 import math
 import time
@@ -23,6 +24,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .diffusion import mix_seed
@@ -52,6 +55,9 @@ class TrainConfig:
     eval_every: int = 250
     save_every: int = 250
     val_clips: int = 32
+    sample_videos: int = 1         # videos written to <out_dir>/samples at every evaluation (0: none)
+    sample_frames: int = 32
+    sample_steps: int = 10
     log_every: int = 10
     seed: int = 0
 
@@ -113,51 +119,87 @@ def clip_frames(cfg: ModelConfig) -> int:
     return lay.chunk_start(k) + cfg.chunk_frames
 
 
-def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int, gen: torch.Generator,
+class Draws:
+    """The random numbers of one training batch.
+
+    ``batch`` draws what the whole batch shares (the prefix length, the TPE shift); ``samples``
+    holds one generator per sample for its dataset index, caption dropout, noise and noise level,
+    so a sample's randomness does not depend on the batch position, rank or micro-batch it lands
+    in (the key to DDP == one process). With ``samples=None`` every draw comes from ``batch``.
+    """
+
+    def __init__(self, batch: torch.Generator, samples: list | None = None):
+        self.batch, self.samples = batch, samples
+
+    @classmethod
+    def of(cls, gen: "torch.Generator | Draws") -> "Draws":
+        return gen if isinstance(gen, cls) else cls(gen)
+
+    def randn(self, shape) -> torch.Tensor:  # (B, ...) float32 on the CPU
+        if self.samples is None:
+            return torch.randn(shape, generator=self.batch)
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.samples])
+
+    def rand(self, batch: int) -> torch.Tensor:  # (B,)
+        if self.samples is None:
+            return torch.rand(batch, generator=self.batch)
+        return torch.cat([torch.rand(1, generator=g) for g in self.samples])
+
+    def levels(self, diffusion, batch: int, n: int) -> torch.Tensor:  # (B, n) training noise levels
+        if self.samples is None:
+            return diffusion.sample_levels((batch, n), generator=self.batch)
+        return torch.cat([diffusion.sample_levels((1, n), generator=g) for g in self.samples])
+
+    def choice(self, n: int) -> int:  # one integer in [0, n) for the whole batch
+        return int(torch.randint(0, n, (1,), generator=self.batch))
+
+
+def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int, gen: "torch.Generator | Draws",
                 prefix_noise: float = 0.0) -> torch.Tensor:
-    """The recipe's loss for one batch. video (B, C, >= n_prefix + l, H, W), clean, in model units."""
-    cfg, diff = model.config, model.diffusion
+    """The recipe's loss for one batch. video (B, C, >= n_prefix + l, H, W), clean, in model units.
+    gen: a generator, or ``Draws`` with one generator per sample."""
+    cfg, diff, draws = model.config, model.diffusion, Draws.of(gen)
     l = cfg.chunk_frames
     x0 = video[:, :, :n_prefix + l]
     B, Fr, dev = x0.shape[0], x0.shape[2], x0.device
-    noise = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
-    level = diff.sample_levels((B, 1), generator=gen).expand(B, l).to(dev)  # one level per clip
+    noise = draws.randn(x0.shape).to(dev, x0.dtype)
+    level = draws.levels(diff, B, 1).expand(B, l).to(dev)  # one level per clip
     noisy = diff.add_noise(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
     prefix = x0[:, :, :n_prefix]
     if prefix_noise and n_prefix:
-        aug = torch.randn(prefix.shape, generator=gen).to(dev, x0.dtype)
+        aug = draws.randn(prefix.shape).to(dev, x0.dtype)
         lv = torch.full((B, n_prefix), prefix_noise, dtype=torch.float64, device=dev)
         prefix = diff.add_noise(prefix, aug, lv)
     xt = torch.cat([prefix, noisy], dim=2)
     t = torch.cat([torch.zeros(B, n_prefix, dtype=torch.float64, device=dev), diff.model_time(level)], dim=1)
     shift = 0
     if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
-        shift = int(torch.randint(0, cfg.cyclic_length, (1,), generator=gen))
+        shift = draws.choice(cfg.cyclic_length)
     pred = model(xt, t, cond, start=prefix_start(cfg, n_prefix), tpe_shift=shift)[:, :, n_prefix:]
     target = diff.target(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
     return F.mse_loss(pred.float(), target.float())
 
 
-def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: torch.Generator,
+def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torch.Generator | Draws",
                     prefix_noise: float = 0.0) -> torch.Tensor:
     """The all-chunks-at-once variant (DESIGN §4, Self-Forcing's teacher forcing): one pass over a clean
     clip and noisy copies of all its generated chunks, one noise level per (clip, chunk), loss on every
     noisy frame. Each noisy chunk sees exactly what cached inference shows it."""
-    cfg, diff = model.config, model.diffusion
+    cfg, diff, draws = model.config, model.diffusion, Draws.of(gen)
     Fr = clip_frames(cfg)
     x0 = video[:, :, :Fr]
     B, dev, p = x0.shape[0], x0.device, cfg.prefix_frames
     n_chunks = (Fr - p) // cfg.chunk_frames
-    noise = torch.randn(x0[:, :, p:].shape, generator=gen).to(dev, x0.dtype)
-    level = diff.sample_levels((B, n_chunks), generator=gen).repeat_interleave(cfg.chunk_frames, dim=1).to(dev)
+    noise = draws.randn(x0[:, :, p:].shape).to(dev, x0.dtype)
+    level = draws.levels(diff, B, n_chunks).repeat_interleave(cfg.chunk_frames, dim=1).to(dev)
     noisy = diff.add_noise(x0[:, :, p:], noise, level)
     clean = x0
     if prefix_noise:
-        aug = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
+        aug = draws.randn(x0.shape).to(dev, x0.dtype)
         clean = diff.add_noise(x0, aug, torch.full((B, Fr), prefix_noise, dtype=torch.float64, device=dev))
     shift = 0
     if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
-        shift = int(torch.randint(0, cfg.cyclic_length, (1,), generator=gen))
+        shift = draws.choice(cfg.cyclic_length)
     pred = model.forward_teacher_forcing(clean, noisy, diff.model_time(level), cond, tpe_shift=shift)
     target = diff.target(x0[:, :, p:], noise, level)
     return F.mse_loss(pred.float(), target.float())
@@ -215,15 +257,58 @@ def drop_captions(model: CausalVideoDiT, text: Text, drop: torch.Tensor) -> Text
     return Text(torch.where(d[:, None, None], null[None], text.states), torch.where(d[:, None], null_mask[None], text.mask))
 
 
+class Objective(nn.Module):
+    """The training loss of one (micro-)batch as a module over the model, so that
+    ``DistributedDataParallel`` can wrap it: conditioning, noising and the loss all run inside
+    ``forward``, whichever layout (``prefix`` or ``all-chunks``) is trained."""
+
+    def __init__(self, model: CausalVideoDiT, layout: str = "prefix", prefix_noise: float = 0.0):
+        super().__init__()
+        self.model, self.layout, self.prefix_noise = model, layout, prefix_noise
+
+    def forward(self, video, draws: Draws, text: Text | None = None, labels=None, drop=None, n_prefix: int = 0):
+        # video (B, C, F, H, W); drop (B,) bool: captions / labels replaced by the null condition
+        model, B = self.model, video.shape[0]
+        cond = None
+        if text is not None:
+            cond = model.condition(B, drop_captions(model, text, drop))
+        elif labels is not None:
+            cond = model.condition(B, labels=torch.where(drop.to(labels.device), model.config.num_classes, labels))
+        if self.layout == "all-chunks":
+            return all_chunks_loss(model, video, cond, draws, self.prefix_noise)
+        return ca2vdm_loss(model, video, cond, n_prefix, draws, self.prefix_noise)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class Trainer:
-    """Owns the model, its EMA, the optimizer and the step counter; ``run`` trains to ``tc.steps``."""
+    """Owns the model, its EMA, the optimizer and the step counter; ``run`` trains to ``tc.steps``.
+
+    Under ``torchrun`` (an initialised process group) the model is wrapped in
+    ``DistributedDataParallel``: ``tc.batch_size`` is the global batch, every rank draws and loads
+    only its own share of it (samples seeded per global position), gradients are averaged, and
+    rank 0 alone logs, validates and saves.
+    """
 
     def __init__(self, model_cfg: ModelConfig, tc: TrainConfig, dataset, val_dataset=None, text_encoder=None,
                  out_dir=None, device="cpu", extra_meta: dict | None = None):
         self.tc, self.device = tc, torch.device(device)
+        self.rank, self.world = _distributed()
+        if tc.batch_size % self.world:
+            raise ValueError(f"TrainConfig.batch_size={tc.batch_size} (the global batch) must be divisible by the "
+                             f"{self.world} processes")
         torch.manual_seed(tc.seed)
         self.model = CausalVideoDiT(model_cfg).to(self.device).train()
         self.model.grad_checkpointing = tc.grad_checkpointing
+        self.objective = Objective(self.model, tc.layout, tc.prefix_noise)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         self.dataset, self.val_dataset = dataset, val_dataset
@@ -246,54 +331,67 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def _condition(self, items, gen, dropout: float):
+    def _condition(self, items, draws: Draws, dropout: float) -> dict:
+        """Objective inputs for the batch's conditioning: text or labels, and which to drop."""
         cfg = self.model.config
-        B = len(items)
+        if cfg.conditioning == "none":
+            return {}
+        drop = draws.rand(len(items)) < dropout
         if cfg.conditioning == "text":
-            text = self.text([it["caption"] for it in items], self.device)
-            drop = torch.rand(B, generator=gen) < dropout
-            return self.model.condition(B, drop_captions(self.model, text, drop))
-        if cfg.conditioning == "class":
-            labels = torch.tensor([it["label"] for it in items])
-            drop = torch.rand(B, generator=gen) < dropout
-            return self.model.condition(B, labels=torch.where(drop, cfg.num_classes, labels))
-        return None
+            return dict(text=self.text([it["caption"] for it in items], self.device), drop=drop)
+        return dict(labels=torch.tensor([it["label"] for it in items], device=self.device), drop=drop)
 
     def batch(self, step: int, micro: int):
-        """The (deterministic) batch and generator of a step's micro-batch."""
-        gen = torch.Generator().manual_seed(mix_seed(self.tc.seed, step, micro))
-        idx = torch.randint(0, len(self.dataset), (self.tc.batch_size,), generator=gen).tolist()
+        """This rank's share of a step's micro-batch: items, video and ``Draws``. Sample j of the
+        global batch has its own generator (seed, step, micro, j) and rank r takes samples
+        [r B/W, (r + 1) B/W); the prefix length comes from the shared (seed, step, micro) generator."""
+        local = self.tc.batch_size // self.world
+        positions = range(self.rank * local, (self.rank + 1) * local)
+        gens = [torch.Generator().manual_seed(mix_seed(self.tc.seed, step, micro, j)) for j in positions]
+        idx = [int(torch.randint(0, len(self.dataset), (1,), generator=g)) for g in gens]
         items = [self.dataset[i] for i in idx]
         video = torch.stack([it["video"] for it in items]).to(self.device)
-        return items, video, gen
+        return items, video, Draws(torch.Generator().manual_seed(mix_seed(self.tc.seed, step, micro)), gens)
 
     def train_step(self) -> dict:
         tc, cfg = self.tc, self.model.config
         lr = lr_at(self.step, tc)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64)
         for micro in range(tc.grad_accum):
-            items, video, gen = self.batch(self.step, micro)
+            items, video, draws = self.batch(self.step, micro)
             choices = prefix_choices(cfg)
-            n_prefix = choices[int(torch.randint(0, len(choices), (1,), generator=gen))]
-            with self._autocast():
-                cond = self._condition(items, gen, tc.caption_dropout)
-                if tc.layout == "all-chunks":
-                    loss = all_chunks_loss(self.model, video, cond, gen, tc.prefix_noise)
-                else:
-                    loss = ca2vdm_loss(self.model, video, cond, n_prefix, gen, tc.prefix_noise)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; stopping without "
-                                         f"saving (the last checkpoint on disk is intact)")
-            (loss / tc.grad_accum).backward()
-            total += loss.item() / tc.grad_accum
+            n_prefix = choices[draws.choice(len(choices))]
+            sync = self.world == 1 or micro == tc.grad_accum - 1  # DDP averages gradients once per step
+            with self._autocast(), (contextlib.nullcontext() if sync else self.objective.no_sync()):
+                loss = self.objective(video, draws, n_prefix=n_prefix, **self._condition(items, draws, tc.caption_dropout))
+                (loss / tc.grad_accum).backward()
+            total += loss.detach().double().cpu() / tc.grad_accum
+        if self.world > 1:  # the logged loss is the global batch's
+            total = total.to(self.device)
+            dist.all_reduce(total)
+            total = total.cpu() / self.world
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss is {total.item()} at step {self.step + 1}; stopping without "
+                                     f"saving (the last checkpoint on disk is intact)")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.model, self.step)
         self.step += 1
-        return dict(step=self.step, loss=total, lr=lr, grad_norm=grad_norm)
+        return dict(step=self.step, loss=total.item(), lr=lr, grad_norm=grad_norm)
+
+    def ranks_max_difference(self) -> float:
+        """Largest |weight on a rank - weight on rank 0| over all parameters (0 in one process)."""
+        if self.world == 1:
+            return 0.0
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
+        ref = flat.clone()
+        dist.broadcast(ref, 0)
+        diff = (flat - ref).abs().max()
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        return diff.item()
 
     # -- validation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -310,13 +408,14 @@ class Trainer:
         cfg, losses = model.config, []
         n_prefix = max(prefix_choices(cfg))
         n = min(len(self.val_dataset), self.tc.val_clips)
+        objective = Objective(model)
         for start in range(0, n, self.tc.batch_size):
             items = [self.val_dataset[i] for i in range(start, min(n, start + self.tc.batch_size))]
             video = torch.stack([it["video"] for it in items]).to(self.device)
-            gen = torch.Generator().manual_seed(mix_seed(12345, start))
+            draws = Draws(torch.Generator().manual_seed(mix_seed(12345, start)))
             with self._autocast():
-                cond = self._condition(items, gen, 0.0)
-                losses.append(ca2vdm_loss(model, video, cond, n_prefix, gen).item() * len(items))
+                loss = objective(video, draws, n_prefix=n_prefix, **self._condition(items, draws, 0.0))
+                losses.append(loss.item() * len(items))
         model.train()
         if backup is not None:
             model.load_state_dict(backup)
@@ -353,15 +452,18 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, log=print) -> list[dict]:
-        tc, history = self.tc, []
-        metrics = None
-        if self.out_dir:
+        """Train to ``tc.steps``. Rank 0 logs, writes ``metrics.csv`` (and TensorBoard events when
+        ``tensorboard`` is installed), validates, writes sample videos and saves checkpoints."""
+        tc, history, main = self.tc, [], self.rank == 0
+        metrics = board = None
+        if self.out_dir and main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             new = not (self.out_dir / "metrics.csv").exists()
             metrics = open(self.out_dir / "metrics.csv", "a", newline="")
             writer = csv.DictWriter(metrics, ["step", "loss", "lr", "grad_norm", "it_per_s", "val_loss", "minutes"])
             if new:
                 writer.writeheader()
+            board = _tensorboard(self.out_dir / "tensorboard")
         t0, last = time.perf_counter(), time.perf_counter()
         try:
             while self.step < tc.steps:
@@ -369,10 +471,15 @@ class Trainer:
                 now = time.perf_counter()
                 row["it_per_s"] = 1.0 / max(1e-9, now - last)
                 row["minutes"] = (now - t0) / 60
-                last = now
                 row["val_loss"] = ""
+                history.append(row)
+                if not main:
+                    last = time.perf_counter()
+                    continue
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     row["val_loss"] = self.validation_loss()
+                    if self.out_dir and tc.sample_videos:
+                        self.write_samples(self.out_dir / "samples" / f"step_{self.step:07d}.gif")
                 if self.step % tc.log_every == 0 or row["val_loss"] != "":
                     val = f" val {row['val_loss']:.4f}" if row["val_loss"] != "" else ""
                     log(f"step {self.step}/{tc.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
@@ -380,13 +487,65 @@ class Trainer:
                 if metrics:
                     writer.writerow(row)
                     metrics.flush()
+                if board:
+                    for key in ("loss", "lr", "grad_norm", "val_loss"):
+                        if row[key] != "":
+                            board.add_scalar(f"train/{key}", row[key], self.step)
                 if self.out_dir and ((tc.save_every and self.step % tc.save_every == 0) or self.step == tc.steps):
                     self.save(self.out_dir / "checkpoint")
-                history.append(row)
+                last = time.perf_counter()  # validation, samples and saving do not count in it/s
         finally:
             if metrics:
                 metrics.close()
+            if board:
+                board.close()
+        if self.world > 1:
+            diff = self.ranks_max_difference()
+            if main:
+                log(f"{self.world} ranks in sync: max |weight on rank r - weight on rank 0| = {diff:.3g}")
+            if diff > 0:
+                raise RuntimeError(f"DDP ranks diverged (max weight difference {diff})")
         return history
+
+    @torch.no_grad()
+    def write_samples(self, path) -> Path | None:
+        """A short video from the EMA weights and the first held-out clips' conditioning (GIF)."""
+        from .generate import generate_video
+        from .video import VideoWriter
+
+        cfg = self.model.config
+        if cfg.in_channels != 3 or not self.val_dataset:
+            return None
+        model = CausalVideoDiT(cfg).to(self.device).eval()
+        self.ema.copy_to(model)
+        n = min(self.tc.sample_videos, len(self.val_dataset))
+        items = [self.val_dataset[i] for i in range(n)]
+        kw = dict(steps=self.tc.sample_steps, seed=list(range(n)))
+        if cfg.prefix_frames:
+            kw["first_frames"] = torch.stack([it["video"][:, :cfg.prefix_frames] for it in items]).to(self.device)
+        if cfg.conditioning == "text":
+            kw["prompt"], kw["guidance"] = self.text([it["caption"] for it in items], self.device), 4.0
+        elif cfg.conditioning == "class":
+            kw["labels"], kw["guidance"] = torch.tensor([it["label"] for it in items]), 4.0
+        frames = max(self.tc.sample_frames, cfg.prefix_frames + cfg.chunk_frames)
+        video = generate_video(model, frames, **kw).float().clamp(-1, 1).cpu()  # (n, C, F, H, W)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = VideoWriter(path, fps=8, scale=4)
+        try:
+            writer.write(torch.cat(list(video), dim=-1))  # the videos side by side
+        finally:
+            writer.close()
+        return path
+
+
+def _tensorboard(log_dir):
+    """A TensorBoard SummaryWriter when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(log_dir))
 
 
 def _jsonable(d: dict) -> dict:
@@ -459,8 +618,24 @@ def build_dataset(data: dict, frames: int, split: str):
     raise ValueError(f"unknown dataset {kind!r} (available: moving-digits, video-folder, frame-folder)")
 
 
+def _init_distributed() -> str:
+    """Join the process group ``torchrun`` describes (NCCL on GPU, gloo on CPU); return the device."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
 def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
-    """Build everything a run config describes, resume from its checkpoint if present, train."""
+    """Build everything a run config describes, resume from its checkpoint if present, train.
+    Under ``torchrun --nproc_per_node N`` every process runs this; rank 0 alone writes."""
     import yaml
 
     model_cfg = ModelConfig.from_dict(cfg.get("model", {}))
@@ -474,16 +649,24 @@ def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
         from .text import get_text_encoder
 
         encoder = get_text_encoder("cpu")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    trainer = Trainer(model_cfg, tc, train_set, val_set, encoder, out_dir, device,
-                      extra_meta={"data": cfg.get("data", {})})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    if resume and (out_dir / "checkpoint" / "config.json").is_file():
-        trainer.resume(out_dir / "checkpoint")
-        log(f"resumed from {out_dir / 'checkpoint'} at step {trainer.step}")
-    n_params = sum(p.numel() for p in trainer.model.parameters())
-    log(f"training {n_params / 1e6:.2f}M parameters on {device}, clips of {frames} frames, "
-        f"{len(train_set)} train / {len(val_set)} val clips, output in {out_dir}")
-    trainer.run(log)
+    device = _init_distributed()
+    rank, world = _distributed()
+    say = log if rank == 0 else (lambda *a, **k: None)
+    try:
+        trainer = Trainer(model_cfg, tc, train_set, val_set, encoder, out_dir, device,
+                          extra_meta={"data": cfg.get("data", {})})
+        if rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        if resume and (out_dir / "checkpoint" / "config.json").is_file():
+            trainer.resume(out_dir / "checkpoint")
+            say(f"resumed from {out_dir / 'checkpoint'} at step {trainer.step}")
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        procs = f" x {world} processes (global batch {tc.batch_size})" if world > 1 else ""
+        say(f"training {n_params / 1e6:.2f}M parameters on {device}{procs}, clips of {frames} frames, "
+            f"{len(train_set)} train / {len(val_set)} val clips, output in {out_dir}")
+        trainer.run(say)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     return trainer

@@ -708,7 +708,10 @@ def test_run_writes_metrics_and_checkpoints(tmp_path, monkeypatch):
     assert lines[0].startswith("step 2/5 loss ") and "val" in lines[0] and len(lines) == 2
     meta = json.loads((out / "checkpoint" / "config.json").read_text())
     assert meta["step"] == 5
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "metrics.csv", "samples"]
+    samples = sorted(p.name for p in (out / "samples").iterdir())  # a sample video at every evaluation
+    assert samples == ["step_0000002.gif", "step_0000004.gif"]
+    assert all((out / "samples" / n).stat().st_size > 0 for n in samples)
     # resuming appends to metrics.csv without a second header
     more = make_trainer(cfg, train_config(steps=6, save_every=2, eval_every=0), out_dir=out)
     more.resume(out / "checkpoint")
@@ -759,3 +762,66 @@ def test_text_model_needs_an_encoder():
     cfg = model_config(conditioning="text", num_classes=0, text_dim=TEXT_DIM)
     with pytest.raises(ValueError, match="text encoder"):
         Trainer(cfg, train_config(), digits(clip_frames(cfg)))
+
+
+def test_rank_shares_concatenate_to_the_global_batch():
+    """Sample j of a step has its own generator: two ranks' halves are the one-process batch."""
+    cfg = model_config(conditioning="class", num_classes=10)
+    whole = make_trainer(cfg, train_config(batch_size=4))
+    items, video, draws = whole.batch(3, 0)
+    halves = []
+    for rank in (0, 1):
+        tr = make_trainer(cfg, train_config(batch_size=4))
+        tr.rank, tr.world = rank, 2
+        halves.append(tr.batch(3, 0))
+    assert torch.equal(torch.cat([h[1] for h in halves]), video)
+    assert torch.equal(torch.cat([h[2].randn((2, 5)) for h in halves]), draws.randn((4, 5)))
+    assert [h[2].choice(100) for h in halves] == [draws.choice(100)] * 2  # shared per-batch draws
+
+
+
+def test_global_batch_must_split_evenly(monkeypatch):
+    import ca2vdm.train as train
+
+    monkeypatch.setattr(train, "_distributed", lambda: (0, 2))
+    with pytest.raises(ValueError, match="divisible by the 2 processes"):
+        make_trainer(model_config(), train_config(batch_size=3))
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo) == 1 process with the same global batch, and the
+    ranks' weights stay identical."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text("""
+model: {in_channels: 3, frame_size: 8, patch: 2, hidden: 32, depth: 2, heads: 2, chunk_frames: 2,
+        prefix_frames: 1, max_context_frames: 3, conditioning: class, num_classes: 10}
+data: {dataset: moving-digits, num_clips: 32, size: 8, digit_size: 5, val_clips: 2}
+train: {steps: 4, batch_size: 4, eval_every: 0, save_every: 0, log_every: 1, autocast: "off", warmup: 1,
+        lr: 0.001, caption_dropout: 0.25}
+""")
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "ca2vdm.cli", "train", str(cfg), "--out-dir", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "ca2vdm.cli", "train", str(cfg), "--out-dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert two.returncode == 0, two.stderr
+    assert "x 2 processes (global batch 4)" in two.stdout
+    assert "2 ranks in sync: max |weight on rank r - weight on rank 0| = 0" in two.stdout
+    a = load_file(str(tmp_path / "one" / "checkpoint" / "train.safetensors"))
+    b = load_file(str(tmp_path / "two" / "checkpoint" / "train.safetensors"))
+    raw = [k for k in a if k.startswith("raw.")]
+    assert raw and set(a) == set(b)
+    wa = torch.cat([a[k].double().flatten() for k in raw])
+    wb = torch.cat([b[k].double().flatten() for k in raw])
+    assert (wa - wb).norm() / wa.norm() <= 1e-6  # float32 sums in another order: close, not bitwise
+    assert (wa - wb).abs().max() <= 1e-6 * wa.abs().max()
+    # the logged losses (global-batch means) agree too
+    losses = lambda out: [float(line.split()[3]) for line in out.splitlines() if line.startswith("step ")]  # noqa: E731
+    assert losses(one.stdout) == pytest.approx(losses(two.stdout), rel=1e-5)
