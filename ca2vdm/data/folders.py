@@ -266,6 +266,12 @@ class _ClipFolder(torch.utils.data.Dataset):
         raise RuntimeError(f"every video in {self.root} became unreadable: "
                            + ", ".join(self.videos[v].name for v in sorted(self.bad)))
 
+    def opening(self, v: int) -> dict:
+        """The clip that starts at the first frame of video ``v`` (for evaluating continuations)."""
+        source = self.videos[v]
+        return {"video": self._clip(source, 0.0), "caption": source.caption, "label": source.label,
+                "path": str(source.path)}
+
     def _clip(self, source: Source, u: float) -> Tensor:
         """(3, frames, H, W) of ``source`` at offset fraction u; ValueError if it cannot be read."""
         while source.count >= self.span:
