@@ -33,26 +33,30 @@ def _device_and_dtype(args):
     return args.device, getattr(torch, args.dtype)
 
 
-def _first_frames(path, model, batch):
-    """An image, or a video's last frames, resized to the model's frame size: (B, C, p, H, W)."""
+def _first_frames(path, model, batch, autoencoder):
+    """An image, or a video's last frames, resized to the model's frame size and encoded by the
+    checkpoint's autoencoder: (B, C, p, H, W)."""
     from .video import read_image, read_video
 
     cfg = model.config
+    if autoencoder.channels != cfg.in_channels:
+        raise ValueError(f"this model works on {cfg.in_channels}-channel latents and its checkpoint names no "
+                         f"autoencoder to encode --first-frame with")
+    size = tuple(s * autoencoder.downsample for s in cfg.frame_size)
     p = cfg.prefix_frames
     if p == 0:
         raise ValueError("this model starts from a prompt alone (prefix_frames=0); it takes no --first-frame")
     if not Path(path).is_file():
         raise FileNotFoundError(f"first-frame file not found: {path}")
     if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
-        frames = read_image(path, cfg.frame_size)
+        frames = read_image(path, size)
     else:
-        frames = read_video(path, cfg.frame_size)
-    if cfg.in_channels != 3:
-        raise ValueError(f"--first-frame needs a pixel-space model (3 channels); this one has {cfg.in_channels}")
+        frames = read_video(path, size)
     frames = frames[:, -p:]
     if frames.shape[1] < p:  # an image for a model that takes several frames: repeat it
         frames = frames[:, :1].repeat(1, p, 1, 1)
-    return frames[None].expand(batch, -1, -1, -1, -1).to(model.device, model.dtype)
+    latents = autoencoder.encode(frames[None])
+    return latents.expand(batch, -1, -1, -1, -1).to(model.device, model.dtype)
 
 
 def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, first_frame=None,
@@ -61,13 +65,15 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
     """Load a checkpoint, generate, append each chunk to the output file(s) as it completes."""
     import torch
 
-    from .checkpoint import load_checkpoint
+    from .autoencoder import load_autoencoder
+    from .checkpoint import load_checkpoint, read_config
     from .generate import GenerationStats, generate
     from .model import Text
     from .video import VideoWriter
 
     model = load_checkpoint(checkpoint, device=device, dtype=getattr(torch, dtype))
     cfg = model.config
+    autoencoder = load_autoencoder(read_config(checkpoint).get("autoencoder", "pixel"), device)
     if step_cache:
         if cache != "shared":
             raise ValueError(f"--step-cache works inside the shared-cache loop; it cannot be used with --cache {cache}")
@@ -85,7 +91,7 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
     batch = len(prompts) if prompts else 1
     if cfg.conditioning == "none":
         guidance = 1.0
-    first = _first_frames(first_frame, model, batch) if first_frame else None
+    first = _first_frames(first_frame, model, batch, autoencoder) if first_frame else None
     if cfg.prefix_frames and first is None:
         raise ValueError(f"this model continues {cfg.prefix_frames} given frame(s): pass --first-frame")
     prompt = neg = labels = None
@@ -118,7 +124,7 @@ def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, 
     try:
         for chunk in generate(model, frames, first_frames=first, prompt=prompt, negative_prompt=neg, labels=labels,
                               steps=steps, guidance=guidance, seed=seed, mode=cache, batch=batch, stats=stats):
-            video = chunk.float().clamp(-1, 1).cpu()
+            video = autoencoder.decode(chunk.float()).clamp(-1, 1).cpu()
             for group in writers:
                 for b, w in enumerate(group):
                     w.write(video[b])
@@ -319,6 +325,22 @@ def _bench_step_cache(args):
         print(f"wrote {args.plot}")
 
 
+def _encode(args):
+    from .autoencoder import encode_dataset, load_autoencoder
+    from .model import ModelConfig
+    from .train import build_dataset, clip_frames, load_run_config
+
+    cfg = load_run_config(args.config, args.set)
+    data = dict(cfg.get("data", {}))
+    data.pop("autoencoder", None)
+    frames = clip_frames(ModelConfig.from_dict(cfg.get("model", {})))
+    dataset = build_dataset(data, frames, args.split)
+    autoencoder = load_autoencoder(args.autoencoder)
+    print(f"encoding {len(dataset)} {args.split} clips of {frames} frames with {args.autoencoder}")
+    out = encode_dataset(dataset, autoencoder, args.out, batch=args.batch)
+    print(f"wrote {out}; train on it with data: {{dataset: latents, path: {out}}}")
+
+
 def _export(args):
     import torch
 
@@ -411,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write the full report here")
     e.set_defaults(func=_eval)
 
+    n = sub.add_parser("encode", help="pre-encode a run config's clips to latents on disk",
+                       description="Encode the clips of CONFIG's data section once with an autoencoder (a local "
+                                   "diffusers AutoencoderKL directory) and write them for `data: {dataset: latents, "
+                                   "path: OUT}`, so training never runs the encoder.")
+    n.add_argument("config", help="YAML run config whose data section describes the clips")
+    n.add_argument("--autoencoder", required=True, help="local AutoencoderKL directory (or 'pixel')")
+    n.add_argument("--out", required=True, help="output directory (must not exist)")
+    n.add_argument("--split", choices=["train", "val"], default="train")
+    n.add_argument("--batch", type=int, default=8)
+    n.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    n.set_defaults(func=_encode)
+
     x = sub.add_parser("export", help="write a generation-only copy of a checkpoint (e.g. fp16, to ship)",
                        description="Copy a training checkpoint's EMA weights, cast to --dtype, with its config and "
                                    "metadata; optimizer state and raw weights are left behind.")
@@ -458,7 +492,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1)
 

@@ -506,7 +506,9 @@ def frechet_distance(feats_a, feats_b) -> float:
     Means, covariances (unbiased) and the matrix square root (``scipy.linalg.sqrtm``) in float64.
     The product of two covariances is similar to a PSD matrix, so its square root is real up to
     rounding: the imaginary part is dropped. If the root is not finite (a singular product), it is
-    taken again with 1e-6 added to both diagonals.
+    taken again with 1e-6 added to both diagonals. With fewer samples than dimensions (400 for I3D)
+    the covariances are singular and the root is accurate to ~1e-7 .. 1e-6 of tr(S) only, so a set
+    against itself gives about that much (of either sign) instead of 0.
     """
     from scipy import linalg
 

@@ -198,7 +198,7 @@ _BRANCHES = {"Branch_0/Conv3d_0a_1x1": "b0", "Branch_1/Conv3d_0a_1x1": "b1a", "B
              "Branch_2/Conv3d_0a_1x1": "b2a", "Branch_2/Conv3d_0b_3x3": "b2b", "Branch_3/Conv3d_0b_1x1": "b3b"}
 # Flax leaf -> (Unit3D tensor, converter)
 _LEAVES = {
-    "Conv_0/kernel": ("conv.weight", lambda a: a.transpose(4, 3, 0, 1, 2)),   # (kT, kH, kW, in, out) -> (out, in, kT, kH, kW)
+    "Conv_0/kernel": ("conv.weight", lambda a: a.transpose(4, 3, 0, 1, 2)),   # (kT, kH, kW, in, out) -> (out, in, ...)
     "Conv_0/bias": ("conv.bias", lambda a: a),
     "BatchNorm_0/bias": ("bn_bias", lambda a: a),
     "BatchNorm_0/mean": ("bn_mean", lambda a: a.reshape(-1)),                  # stored as (1, 1, 1, 1, C)

@@ -594,6 +594,21 @@ def build_dataset(data: dict, frames: int, split: str):
     data = dict(data)
     kind = data.pop("dataset", "moving-digits")
     val_clips = data.pop("val_clips", 64)
+    if kind == "latents":  # pre-encoded by `ca2vdm encode`: data.path (train) and data.val_path
+        from .autoencoder import LatentDataset
+
+        path = data.get("val_path") if split == "val" else data.get("path")
+        if path is None:
+            if split == "val":
+                return None
+            raise ValueError("data.path is required for dataset 'latents'")
+        return LatentDataset(path, frames)
+    spec = data.pop("autoencoder", None)
+    if spec not in (None, "pixel"):  # encode every clip on the fly
+        from .autoencoder import EncodedDataset, load_autoencoder
+
+        return EncodedDataset(build_dataset(data | {"dataset": kind, "val_clips": val_clips}, frames, split),
+                              load_autoencoder(spec))
     if kind == "moving-digits":
         from .data import MovingDigits
 
@@ -615,7 +630,15 @@ def build_dataset(data: dict, frames: int, split: str):
             else:
                 root = val_root
         return cls(root, frames, **data)
-    raise ValueError(f"unknown dataset {kind!r} (available: moving-digits, video-folder, frame-folder)")
+    raise ValueError(f"unknown dataset {kind!r} (available: moving-digits, video-folder, frame-folder, latents)")
+
+
+def _autoencoder_spec(cfg: dict, dataset) -> str:
+    """What decodes this run's latents (recorded in checkpoints for generation)."""
+    spec = getattr(dataset, "autoencoder", None)
+    if spec is not None and not isinstance(spec, str):  # EncodedDataset holds the autoencoder itself
+        spec = spec.spec
+    return spec or cfg.get("data", {}).get("autoencoder") or "pixel"
 
 
 def _init_distributed() -> str:
@@ -654,7 +677,7 @@ def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
     say = log if rank == 0 else (lambda *a, **k: None)
     try:
         trainer = Trainer(model_cfg, tc, train_set, val_set, encoder, out_dir, device,
-                          extra_meta={"data": cfg.get("data", {})})
+                          extra_meta={"data": cfg.get("data", {}), "autoencoder": _autoencoder_spec(cfg, train_set)})
         if rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -664,7 +687,7 @@ def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
         n_params = sum(p.numel() for p in trainer.model.parameters())
         procs = f" x {world} processes (global batch {tc.batch_size})" if world > 1 else ""
         say(f"training {n_params / 1e6:.2f}M parameters on {device}{procs}, clips of {frames} frames, "
-            f"{len(train_set)} train / {len(val_set)} val clips, output in {out_dir}")
+            f"{len(train_set)} train / {len(val_set) if val_set else 0} val clips, output in {out_dir}")
         trainer.run(say)
     finally:
         if world > 1:

@@ -166,7 +166,8 @@ def test_features_shape_and_dtype(features):
 def test_fvd_of_a_set_with_itself_is_zero(features):
     clean = features[0]
     scale = np.trace(np.cov(clean, rowvar=False))
-    assert abs(frechet_distance(clean, clean)) < 1e-6 * scale
+    # 6 clips, 400 dims: sqrtm of a singular product is accurate to ~1e-7..1e-6 of tr(S) (5e-7 measured)
+    assert abs(frechet_distance(clean, clean)) < 1e-5 * scale
     d_ab, d_ba = frechet_distance(clean, features[1]), frechet_distance(features[1], clean)
     assert d_ab == pytest.approx(d_ba, rel=1e-6)
 
