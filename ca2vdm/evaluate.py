@@ -551,15 +551,16 @@ def fvd(videos_a: torch.Tensor, videos_b: torch.Tensor, model=None, batch: int =
     return {"fvd": _num(frechet_distance(fa, fb)), "clips_a": len(fa), "clips_b": len(fb)}
 
 
-def fvd_per_chunk(generated: torch.Tensor, reference: torch.Tensor, chunk_frames: int,
-                  clip_frames: int = FVD_CLIP_FRAMES, model=None, batch: int = 8, device=None) -> list[dict]:
-    """FVD over time, as in the Ca2-VDM paper's SkyTimelapse table: one FVD per 16-frame window.
+def fvd_report(generated: torch.Tensor, reference: torch.Tensor, chunk_frames: int,
+               clip_frames: int = FVD_CLIP_FRAMES, model=None, batch: int = 8, device=None) -> dict:
+    """FVD overall and over time, from one pass of I3D over both sets.
 
-    generated (N, 3, F, H, W) and reference (M, 3, F', H', W') in [-1, 1]. Window i covers frames
-    [16 i, 16 i + 16) of the first min(F, F') frames (a partial last window is dropped); in each
-    window the N generated clips are compared with the M reference clips of the same frames.
-    Returns one dict per window: {"frames": [start, end), "chunks": [first, last] generation
-    chunks of ``chunk_frames`` frames that it overlaps, "fvd", "clips_a" (generated), "clips_b"}.
+    generated (N, 3, F, H, W) and reference (M, 3, F', H', W') in [-1, 1], cut to their first
+    min(F, F') frames and into 16-frame windows (a partial last window is dropped). Overall: every
+    window of every video is a sample {"fvd", "clips_a", "clips_b"}. ``per_window``, as in the
+    Ca2-VDM paper's SkyTimelapse table: window i covers frames [16 i, 16 i + 16), its N generated
+    clips against the M reference clips of the same frames, with the generation chunks of
+    ``chunk_frames`` frames it overlaps.
     """
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
@@ -576,7 +577,16 @@ def fvd_per_chunk(generated: torch.Tensor, reference: torch.Tensor, chunk_frames
         start, end = i * clip_frames, (i + 1) * clip_frames
         rows.append({"frames": [start, end], "chunks": [start // chunk_frames, (end - 1) // chunk_frames],
                      "fvd": _num(frechet_distance(fg[:, i], fr[:, i])), "clips_a": fg.shape[0], "clips_b": fr.shape[0]})
-    return rows
+    overall = frechet_distance(fg.reshape(-1, fg.shape[-1]), fr.reshape(-1, fr.shape[-1]))
+    return {"fvd": _num(overall), "clips_a": fg.shape[0] * windows, "clips_b": fr.shape[0] * windows,
+            "per_window": rows}
+
+
+def fvd_per_chunk(generated: torch.Tensor, reference: torch.Tensor, chunk_frames: int,
+                  clip_frames: int = FVD_CLIP_FRAMES, model=None, batch: int = 8, device=None) -> list[dict]:
+    """The per-window rows of ``fvd_report``: {"frames": [start, end), "chunks": [first, last],
+    "fvd", "clips_a" (generated), "clips_b"} per 16-frame window."""
+    return fvd_report(generated, reference, chunk_frames, clip_frames, model, batch, device)["per_window"]
 
 
 # --------------------------------------------------------------------------------------------

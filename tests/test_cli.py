@@ -191,13 +191,16 @@ def test_bench_step_cache_report(digits_checkpoint, tmp_path):
 
 def test_eval_moving_digits(digits_checkpoint, tmp_path):
     js = tmp_path / "eval.json"
-    r = ca2vdm("eval", "--checkpoint", digits_checkpoint, "--videos", 2, "--frames", 8, "--steps", 2, "--json", js)
+    r = ca2vdm("eval", "--checkpoint", digits_checkpoint, "--videos", 2, "--frames", 16, "--steps", 1, "--json", js)
     assert r.returncode == 0, r.stderr
     report = json.loads(js.read_text())
-    assert report["num_videos"] == 2 and report["frames"] == 8 and len(report["acc"]) == 4  # chunks of 2
+    assert report["num_videos"] == 2 and report["frames"] == 16 and len(report["acc"]) == 8  # chunks of 2
+    f = report["fvd"]  # Kinetics I3D on the two 16-frame clips of each set
+    assert f["clips_a"] == f["clips_b"] == 2 and f["fvd"] > 0 and len(f["per_window"]) == 1
+    assert "FVD" in r.stdout and "2 generated vs 2 real 16-frame clips" in r.stdout
     assert report["overall"]["acc_gt_mean"] > 0.5  # the classifier reads the real clips
     r = ca2vdm("eval", "--checkpoint", digits_checkpoint, "--data", "kinetics")
-    assert r.returncode == 1 and "moving-digits" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_eval_continuations_of_a_video_folder(tmp_path):
@@ -214,7 +217,8 @@ def test_eval_continuations_of_a_video_folder(tmp_path):
     save_checkpoint(ckpt, tiny_model(dtype=torch.float32, prefix_frames=1, conditioning="text", text_dim=384),
                     {"data": {"dataset": "video-folder", "root": str(root), "size": [8, 8]}})
     js = tmp_path / "cont.json"
-    r = ca2vdm("eval", "--checkpoint", ckpt, "--data", "video-folder", "--frames", 9, "--steps", 2, "--json", js)
+    r = ca2vdm("eval", "--checkpoint", ckpt, "--data", "video-folder", "--frames", 9, "--steps", 2, "--no-fvd",
+               "--json", js)
     assert r.returncode == 0, r.stderr
     report = json.loads(js.read_text())
     assert len(report["videos"]) == 2 and report["captions"] == ["a", ""]
