@@ -86,18 +86,72 @@ def run_mode(config: dict, mode: str, frames: int, steps: int, device: str, dtyp
     return record
 
 
-def _worker(queue, *args):
+def run_single_calls(config: dict, mode: str, frames: int, steps: int, device: str, dtype: str) -> dict:
+    """Time one autoregressive step of ``mode`` from single calls, at the state of the last chunk of
+    a ``frames``-frame video (a full window): one denoising forward (x ``steps``) and one write pass.
+
+    For models too large to generate a whole video with on a CPU (the ``paper`` preset). The one
+    entry of ``step_seconds`` is steps x denoise + write; ``call_seconds`` holds both timings."""
+    torch.manual_seed(0)
+    model = CausalVideoDiT(ModelConfig(**config)).to(device=device, dtype=getattr(torch, dtype)).eval()
+    cfg, lay = model.config, model.layout
+    l = cfg.chunk_frames
+    k = lay.chunk_of(frames - 1)           # the last chunk of the video
+    start = lay.chunk_start(k)             # its first frame; frames before it are context
+    x = torch.randn(1, cfg.in_channels, l, *cfg.frame_size, device=device, dtype=model.dtype)
+    t = torch.full((1, l), 500.0, device=device, dtype=torch.float64)
+
+    def timed(fn, repeat=2):
+        fn()  # warm-up
+        best = float("inf")
+        for _ in range(repeat):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+    record = dict(cache_bytes=0)
+    with torch.no_grad():
+        if mode == "shared":
+            cache = model.new_cache(1)
+            cache.frames_written = start  # the ring holds a full window of (random) K/V
+            for b in range(cfg.depth):
+                cache.k[b].normal_()
+                cache.v[b].normal_()
+            denoise = timed(lambda: model.forward_cached(x, t, cache))
+
+            def write():
+                cache.frames_written = start
+                model.forward_cached(x, t * 0, cache, write=True)
+            write_s = timed(write)
+            record["cache_bytes"] = cache.nbytes
+        else:
+            first = {"recompute-full": 0, "recompute-window": max(0, start - cfg.max_context_frames),
+                     "limit": start}[mode]
+            n = start + l - first
+            full = torch.randn(1, cfg.in_channels, n, *cfg.frame_size, device=device, dtype=model.dtype)
+            tt = torch.cat([torch.zeros(1, n - l, dtype=torch.float64, device=device), t], dim=1)
+            denoise = timed(lambda: model(full, tt, start=first))
+            write_s = denoise if mode == "limit" else 0.0  # recompute modes keep frames, they write nothing
+    record.update(step_seconds=[steps * denoise + write_s], call_seconds=dict(denoise=denoise, write=write_s),
+                  total_seconds=steps * denoise + write_s, peak_mem_bytes=_peak_bytes(device))
+    return record
+
+
+def _worker(queue, fn, *args):
     try:
-        queue.put(("ok", run_mode(*args)))
+        queue.put(("ok", fn(*args)))
     except BaseException as e:  # report, the parent decides
         queue.put(("error", f"{type(e).__name__}: {e}"))
 
 
-def run_mode_isolated(*args) -> dict:
-    """``run_mode`` in a fresh process (spawned), so peak memory is that mode's alone."""
+def run_mode_isolated(*args, fn=None) -> dict:
+    """``run_mode`` (or ``fn``) in a fresh process (spawned), so peak memory is that mode's alone."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(queue, *args))
+    proc = ctx.Process(target=_worker, args=(queue, fn or run_mode, *args))
     proc.start()
     status, payload = queue.get()
     proc.join()
@@ -108,12 +162,21 @@ def run_mode_isolated(*args) -> dict:
 
 def benchmark(preset: str = "small", frames: int = 81, steps: int = 10, context: str = "bounded",
               device: str = "cpu", dtype: str = "float32", full_frame_budget: int | None = None,
-              isolated: bool = True, log=print) -> dict:
-    """Run every mode and the limit; return the JSON-ready result with ratios."""
+              isolated: bool = True, single_calls: bool | None = None, log=print) -> dict:
+    """Run every mode and the limit; return the JSON-ready result with ratios.
+
+    single_calls: time one denoising forward and one write per mode (``run_single_calls``) instead
+    of generating the video; default: only for ``paper`` on the CPU."""
     config = preset_config(preset, context, frames).to_dict()
-    run = run_mode_isolated if isolated else run_mode
+    if single_calls is None:
+        single_calls = preset == "paper" and device == "cpu"
+    fn = run_single_calls if single_calls else run_mode
+    if isolated:
+        run = lambda *a: run_mode_isolated(*a, fn=fn)  # noqa: E731
+    else:
+        run = fn
     result = dict(device=_device_name(device), preset=preset, config=config, frames=frames, steps=steps,
-                  context=context, dtype=dtype, modes={})
+                  context=context, dtype=dtype, single_calls=single_calls, modes={})
     for mode in (*MODES, "limit"):
         n = frames
         if mode == "recompute-full" and full_frame_budget:
@@ -125,9 +188,10 @@ def benchmark(preset: str = "small", frames: int = 81, steps: int = 10, context:
     shared_steps = m["shared"]["step_seconds"]
     # recompute-full may have run fewer frames: compare per-step over the steps both ran
     k = len(m["recompute-full"]["step_seconds"])
+    full_vs = _mean(shared_steps) if single_calls else _mean(shared_steps[:k])  # single calls: one step each
     result["ratios"] = dict(
         recompute_window_over_shared=per_step["recompute-window"] / per_step["shared"],
-        recompute_full_over_shared=_mean(m["recompute-full"]["step_seconds"]) / _mean(shared_steps[:k]),
+        recompute_full_over_shared=_mean(m["recompute-full"]["step_seconds"]) / full_vs,
         shared_over_limit=per_step["shared"] / per_step["limit"],
         shared_last_over_first_step=shared_steps[-1] / shared_steps[0],
     )
@@ -144,6 +208,42 @@ def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def plot_benchmark(result: dict, path: str) -> None:
+    """Two panels: seconds per autoregressive step vs step index, cumulative seconds vs frames."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    p, l = cfg["prefix_frames"], cfg["chunk_frames"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, r in result["modes"].items():
+        s = r["step_seconds"]
+        steps = range(1, len(s) + 1)
+        style = dict(marker="." if len(s) > 1 else "o", label=mode, ls="--" if mode == "limit" else "-")
+        ax.plot(steps, s, **style)
+        cum, frames, t = [], [], 0.0
+        for i, x in enumerate(s):
+            t += x
+            cum.append(t)
+            frames.append(p + (i + 1) * l)
+        bx.plot(frames, cum, **style)
+    what = "single calls" if result.get("single_calls") else f"{result['frames']} frames"
+    ax.set_title(f"{result['preset']} preset, {what}, {result['steps']} steps, {result['context']} context",
+                 fontsize=9)
+    ax.set_xlabel("autoregressive step (chunk)")
+    ax.set_ylabel("seconds per step")
+    bx.set_title(result["device"], fontsize=9)
+    bx.set_xlabel("frames generated")
+    bx.set_ylabel("cumulative seconds")
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def format_table(result: dict) -> str:

@@ -10,7 +10,11 @@ DEFAULT_PROMPT = "a 3 moving right and a 7 moving down"
 
 
 def _bench(args):
-    from .bench import benchmark, format_table, save_json
+    from .bench import PRESETS, benchmark, format_table, save_json
+
+    need = PRESETS[args.preset]["prefix_frames"] + PRESETS[args.preset]["chunk_frames"]
+    if args.frames < need:
+        raise ValueError(f"--frames {args.frames} is less than one chunk: the preset needs at least {need}")
 
     if args.device == "cuda":
         import torch
@@ -18,11 +22,17 @@ def _bench(args):
             raise SystemExit("error: --device cuda asked for, but CUDA is not available on this machine")
     print(f"benchmark: preset {args.preset}, {args.frames} frames, {args.steps} steps, each mode in its own process")
     result = benchmark(args.preset, args.frames, args.steps, args.context, args.device, args.dtype,
-                       full_frame_budget=args.full_frame_budget)
+                       full_frame_budget=args.full_frame_budget, single_calls=False if args.full else None)
     print(format_table(result))
     if args.json:
         save_json(result, args.json)
         print(f"wrote {args.json}")
+    if args.plot:
+        from .bench import plot_benchmark
+
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_benchmark(result, args.plot)
+        print(f"wrote {args.plot}")
 
 
 def _device_and_dtype(args):
@@ -495,7 +505,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
     b.add_argument("--full-frame-budget", type=int, default=None,
                    help="run recompute-full (quadratic) on at most this many frames")
+    b.add_argument("--full", action="store_true",
+                   help="paper preset on CPU: generate the whole video instead of timing single calls")
     b.add_argument("--json", help="also write the result as JSON to this file")
+    b.add_argument("--plot", help="also write a PNG: time per step vs step, cumulative time vs frames")
     b.set_defaults(func=_bench)
 
     r = sub.add_parser("bench-step-cache", help="quality vs speed of the step-cache policies",

@@ -143,8 +143,10 @@ train: {{steps: 2, batch_size: 2, eval_every: 2, save_every: 1, log_every: 1, va
 
 def test_bench_tiny_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    r = ca2vdm("bench", "--preset", "tiny", "--frames", 17, "--steps", 1, "--json", out)
+    png = tmp_path / "bench.png"
+    r = ca2vdm("bench", "--preset", "tiny", "--frames", 17, "--steps", 1, "--json", out, "--plot", png)
     assert r.returncode == 0, r.stderr
+    assert png.stat().st_size > 10_000
     result = json.loads(out.read_text())
     assert set(result["modes"]) == {"shared", "recompute-window", "recompute-full", "limit"}
     for mode in result["modes"].values():
@@ -154,6 +156,22 @@ def test_bench_tiny_writes_json(tmp_path):
                                      "shared_over_limit", "shared_last_over_first_step"}
     assert result["live2diff_cache_bytes"] == result["modes"]["shared"]["cache_bytes"]  # T = 1
     assert "ratios:" in r.stdout
+    r = ca2vdm("bench", "--preset", "tiny", "--frames", 5)
+    assert r.returncode == 1 and "less than one chunk" in r.stderr
+
+
+def test_bench_single_calls():
+    """The paper preset's CPU path: one denoising forward and one write per mode, at a full window."""
+    from ca2vdm.bench import benchmark
+
+    result = benchmark("tiny", frames=81, steps=3, isolated=False, single_calls=True, log=lambda s: None)
+    m = result["modes"]
+    assert result["single_calls"] and all(len(r["step_seconds"]) == 1 for r in m.values())
+    for r in m.values():
+        c = r["call_seconds"]
+        assert r["step_seconds"][0] == pytest.approx(3 * c["denoise"] + c["write"])
+    assert m["shared"]["cache_bytes"] > 0 and m["recompute-full"]["call_seconds"]["write"] == 0
+    assert result["ratios"]["recompute_full_over_shared"] > 0
 
 
 def test_generate_with_step_cache(text_checkpoint, tmp_path):
