@@ -7,7 +7,6 @@ and the *limit*: the same T denoising forwards over the chunk alone (no context)
 pass — what a chunk would cost if context were free. Ratios are computed within one run.
 """
 
-import json
 import multiprocessing as mp
 import platform
 import resource
@@ -260,11 +259,6 @@ def format_table(result: dict) -> str:
     lines.append(f"Live2Diff-style per-step cache would need {result['live2diff_cache_bytes'] / 2**20:.2f} MB "
                  f"(T x shared)")
     return "\n".join(lines)
-
-
-def save_json(result: dict, path: str):
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,8 +9,22 @@ DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "digits
 DEFAULT_PROMPT = "a 3 moving right and a 7 moving down"
 
 
+def _save(report: dict, json_path=None, plot_path=None, plot=None):
+    """Write a report as JSON and / or a PNG drawn by ``plot`` (parent folders created)."""
+    import json
+
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(report, indent=2))
+        print(f"wrote {json_path}")
+    if plot_path:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        plot(report, plot_path)
+        print(f"wrote {plot_path}")
+
+
 def _bench(args):
-    from .bench import PRESETS, benchmark, format_table, save_json
+    from .bench import PRESETS, benchmark, format_table, plot_benchmark
 
     need = PRESETS[args.preset]["prefix_frames"] + PRESETS[args.preset]["chunk_frames"]
     if args.frames < need:
@@ -24,15 +38,7 @@ def _bench(args):
     result = benchmark(args.preset, args.frames, args.steps, args.context, args.device, args.dtype,
                        full_frame_budget=args.full_frame_budget, single_calls=False if args.full else None)
     print(format_table(result))
-    if args.json:
-        save_json(result, args.json)
-        print(f"wrote {args.json}")
-    if args.plot:
-        from .bench import plot_benchmark
-
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot_benchmark(result, args.plot)
-        print(f"wrote {args.plot}")
+    _save(result, args.json, args.plot, plot_benchmark)
 
 
 def _device_and_dtype(args):
@@ -311,10 +317,7 @@ def _eval(args):
             raise ValueError(f"--data {args.data} needs --root (the checkpoint's config names no folder)")
         report = evaluate_continuations(args.checkpoint, data, args.frames, args.steps, args.guidance, args.seed,
                                         args.videos, fvd=args.fvd)
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=2))
-            print(f"wrote {args.json}")
+        _save(report, args.json)
         print(f"{len(report['videos'])} continuations of {report['given_frames']} real frame(s), {report['frames']} "
               f"frames: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f} against the real videos")
         print("per chunk PSNR: " + " ".join(f"{x:.1f}" for x in report["psnr_per_chunk"]))
@@ -325,19 +328,13 @@ def _eval(args):
         raise ValueError(f"--data {args.data}: choose moving-digits, video-folder or frame-folder")
     report = evaluate_digits(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed,
                              fvd=args.fvd)
-    text = json.dumps(report, indent=2)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text)
-        print(f"wrote {args.json}")
+    _save(report, args.json)
     o = report["overall"]
     print(json.dumps({k: o[k] for k in o if not isinstance(o[k], list)}, indent=2))
     _print_fvd(report)
 
 
 def _bench_step_cache(args):
-    import json
-
     from .bench import format_step_cache_table, plot_step_cache, step_cache_report
     from .stepcache import StepCacheConfig
 
@@ -352,14 +349,7 @@ def _bench_step_cache(args):
     report = step_cache_report(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed,
                                batch=args.batch, **kw)
     print(format_step_cache_table(report))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
-    if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        plot_step_cache(report, args.plot)
-        print(f"wrote {args.plot}")
+    _save(report, args.json, args.plot, plot_step_cache)
 
 
 def _encode(args):

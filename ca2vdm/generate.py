@@ -154,7 +154,7 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
     schedule's units (sigma for flow, timestep for eps); the model is still told t = 0.
     cache_dtype: dtype of the KV cache (default: the model's). autocast: e.g. torch.bfloat16.
     """
-    cfg, layout = model.config, model.layout
+    cfg = model.config
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     if steps < 1:

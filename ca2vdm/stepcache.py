@@ -28,7 +28,7 @@ Decisions are made on the host, so each computed step costs one small device-to-
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

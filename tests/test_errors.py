@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ca2vdm import CausalVideoDiT, ModelConfig, Text
+from ca2vdm import ModelConfig, Text
 from ca2vdm.generate import generate_video
 
 from conftest import tiny_config, tiny_model
