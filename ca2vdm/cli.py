@@ -447,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "per chunk, digit accuracy (a small digit classifier, relative to its accuracy on "
                                    "the real clips), tracked digit speed and brightness drift. video-folder / "
                                    "frame-folder: continue the first frame(s) of every video under --root and "
-                                   "report PSNR / SSIM per chunk against the real continuation. JSON with --json.")
+                                   "report PSNR / SSIM per chunk against the real continuation. Both: FVD with the "
+                                   "Kinetics-400 I3D, overall and per 16-frame window. JSON with --json.")
     e.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT))
     e.add_argument("--data", default="moving-digits", choices=["moving-digits", "video-folder", "frame-folder"],
                    help="evaluation data (default moving-digits)")
