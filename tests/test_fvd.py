@@ -226,3 +226,14 @@ def test_fvd_per_chunk_compares_the_same_frames():
     assert [r["chunks"] for r in rows] == [[0, 1], [2, 3]]
     assert all(r["clips_a"] == 4 and r["clips_b"] == 4 for r in rows)
     assert abs(rows[0]["fvd"]) < 1e-6 * rows[1]["fvd"] and rows[1]["fvd"] > 0
+
+
+def test_fvd_report_overall_pools_every_window():
+    from ca2vdm.evaluate import fvd_report
+
+    stub, ref = StubI3D(), _videos(4, 32, 5)
+    gen = _videos(4, 32, 6)
+    report = fvd_report(gen, ref, chunk_frames=4, model=stub)
+    assert (report["clips_a"], report["clips_b"]) == (8, 8) and len(report["per_window"]) == 2
+    assert report["fvd"] == pytest.approx(fvd(gen, ref, model=stub)["fvd"], rel=1e-9)
+    assert report["per_window"] == fvd_per_chunk(gen, ref, chunk_frames=4, model=stub)
