@@ -264,7 +264,7 @@ def format_table(result: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Step caching: quality vs speed of every policy against uncached generation (same seeds)
 # --------------------------------------------------------------------------------------------
-STEP_CACHE_POLICIES = ("adacache", "adacache-moreg", "fixed:1", "fixed:2", "first-block:0.05")
+STEP_CACHE_POLICIES = ("adacache", "adacache-moreg", "fixed:1", "fixed:2", "first-block:0.12")
 
 
 def _timed_generation(model, frames, prompts, steps, guidance, seeds, batch, step_cache=None):

@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=2000, help="first held-out clip seed and generation seed")
     r.add_argument("--batch", type=int, default=8, help="videos generated together")
     r.add_argument("--policies", help="comma-separated, default: adacache,adacache-moreg,fixed:1,fixed:2,"
-                                      "first-block:0.05")
+                                      "first-block:0.12")
     r.add_argument("--json", help="write the report here")
     r.add_argument("--plot", help="write the quality-speed PNG here")
     r.set_defaults(func=_bench_step_cache)
