@@ -244,3 +244,18 @@ def test_eval_continuations_of_a_video_folder(tmp_path):
     assert "per chunk PSNR" in r.stdout
     r = ca2vdm("eval", "--checkpoint", ckpt, "--data", "video-folder", "--root", tmp_path / "nowhere")
     assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+def test_bench_unbounded_context_grows_the_cache():
+    """--context unbounded: P_max covers the whole video, so the shared cache grows with it."""
+    from ca2vdm.bench import benchmark, preset_config
+
+    assert preset_config("tiny", "unbounded", frames=41).max_context_frames == 41
+    sizes = []
+    for frames in (17, 33):
+        r = benchmark("tiny", frames=frames, steps=1, context="unbounded", isolated=False, log=lambda s: None)
+        assert r["config"]["max_context_frames"] == frames
+        sizes.append(r["modes"]["shared"]["cache_bytes"])
+    assert sizes[1] > sizes[0]
+    with pytest.raises(ValueError, match="bounded"):
+        preset_config("tiny", "infinite")
