@@ -236,12 +236,12 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
                 cond_pred, uncond_pred = pred.chunk(2)
                 pred = uncond_pred + guidance * (cond_pred - uncond_pred)
             x = sampler.step(x, pred, i)
-        stats.steps_total += B * mult * len(sampler.timesteps)
+        row_steps = B * mult * len(sampler.timesteps)
+        stats.steps_total += row_steps
         if step_cache is not None:
             step_cache.end_chunk()  # the write pass below always runs the whole network
-            stats.steps_computed += step_cache.computed - before
-        else:
-            stats.steps_computed += B * mult * len(sampler.timesteps)
+            row_steps = step_cache.computed - before
+        stats.steps_computed += row_steps
         if k < n_chunks:  # the last chunk has no successor to condition: no write pass
             with amp():
                 engine.append(context(x, k))

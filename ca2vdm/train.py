@@ -11,8 +11,9 @@ One training step (``ca2vdm_loss``):
 4. When prefix + l fills the cyclic table (the clip fills the window), shift the TPE rows at random
    so every rotation inference meets is seen.
 
-All randomness of step s comes from a generator seeded by (seed, s), so a resumed run draws the
-same batches and noise as one that never stopped. Weights, EMA, optimizer moments and metadata are
+All randomness of step s comes from generators seeded by (seed, s) for what the batch shares and
+by (seed, s, j) for sample j (``Draws``), so a resumed run draws the same batches and noise as one
+that never stopped, and N DDP ranks together draw what one process would. Weights, EMA, optimizer moments and metadata are
 saved with ``checkpoint.save_checkpoint`` (safetensors, atomic).
 """
 
@@ -422,10 +423,15 @@ class Trainer:
         return sum(losses) / n
 
     # -- checkpoints --------------------------------------------------------------------------
+    def ema_model(self) -> CausalVideoDiT:
+        """A new model (on the CPU) holding the EMA weights."""
+        model = CausalVideoDiT(self.model.config)
+        self.ema.copy_to(model)
+        return model
+
     def save(self, path):
         """EMA weights as the model (for generation); raw weights and optimizer moments to resume."""
-        ema_model = CausalVideoDiT(self.model.config)
-        self.ema.copy_to(ema_model)
+        ema_model = self.ema_model()
         tensors = {f"raw.{k}": v for k, v in self.model.state_dict().items()}
         names = {p: n for n, p in self.model.named_parameters()}
         for p, st in self.opt.state.items():
@@ -516,8 +522,7 @@ class Trainer:
         cfg = self.model.config
         if cfg.in_channels != 3 or not self.val_dataset:
             return None
-        model = CausalVideoDiT(cfg).to(self.device).eval()
-        self.ema.copy_to(model)
+        model = self.ema_model().to(self.device).eval()
         n = min(self.tc.sample_videos, len(self.val_dataset))
         items = [self.val_dataset[i] for i in range(n)]
         kw = dict(steps=self.tc.sample_steps, seed=list(range(n)))
