@@ -89,6 +89,9 @@ class ModelConfig:
     prefix_enhance: bool = False    # extra spatial attention to the last R clean frames
     prefix_enhance_frames: int = 3  # R
     objective: str = "flow"         # "flow" (velocity, Euler) or "eps" (DDPM, DDIM)
+    prediction: str = "native"      # "native": the network outputs the objective's target (velocity / noise);
+                                    # "sample" (flow only): it outputs the clean frames x0, turned into a velocity
+    sample_sigma_min: float = 0.05  # "sample": velocity = (x_sigma - x0_hat) / max(sigma, this)
     flow_shift: float = 1.0
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -141,6 +144,12 @@ class ModelConfig:
             bad("prefix_enhance_frames", "must be at least 1 when prefix_enhance is on")
         if self.objective not in ("flow", "eps"):
             bad("objective", "must be 'flow' or 'eps'")
+        if self.prediction not in ("native", "sample"):
+            bad("prediction", "must be 'native' or 'sample'")
+        if self.prediction == "sample" and self.objective != "flow":
+            bad("prediction", "'sample' (x0 prediction) is defined for objective='flow' only")
+        if not 0 < self.sample_sigma_min <= 1:
+            bad("sample_sigma_min", "must be in (0, 1]")
         if self.ddim_spacing not in ("leading", "trailing"):
             bad("ddim_spacing", "must be 'leading' or 'trailing'")
 
@@ -606,7 +615,21 @@ class CausalVideoDiT(nn.Module):
         else:
             shift, scale = self.final_adaLN(c)[:, :, None].chunk(2, dim=-1)
             out = self.unpatchify(self.final_proj(modulate(self.final_norm(h), shift, scale)))
+            if self.config.prediction == "sample":
+                out = self.velocity_from_sample(x, out, t)
         return (out, hidden) if return_hidden else out
+
+    def velocity_from_sample(self, x, x0_hat, t):
+        """x0 prediction -> flow velocity (x_sigma - x0_hat) / sigma, sigma clamped below at
+        ``sample_sigma_min``. x, x0_hat: (B, C, F, H, W); t: (B, F) network time sigma * N.
+
+        A small network predicts clean frames (a low-dimensional target) more easily than a velocity,
+        which carries the input's noise through every block; the loss stays in velocity space
+        (JiT, Li & He 2025), so only the parameterisation changes, not the weighting.
+        """
+        cfg = self.config
+        sigma = (t / cfg.num_train_timesteps).clamp_min(cfg.sample_sigma_min)  # (B, F) float64
+        return (x - x0_hat.to(x.dtype)) / sigma.to(x.dtype)[:, None, :, None, None]
 
     def _blocks_step_cached(self, h, c, cond, ctx, sc: StepCache):
         """The block stack of a denoising step under step caching. h (B, F, S, D) embeddings.

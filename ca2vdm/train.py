@@ -59,7 +59,7 @@ class TrainConfig:
     sample_videos: int = 1         # videos written to <out_dir>/samples at every evaluation (0: none)
     sample_frames: int = 32
     sample_steps: int = 10
-    log_every: int = 10
+    log_every: int = 10            # progress line: mean loss and it/s over these steps
     seed: int = 0
 
     def __post_init__(self):
@@ -471,11 +471,13 @@ class Trainer:
                 writer.writeheader()
             board = _tensorboard(self.out_dir / "tensorboard")
         t0, last = time.perf_counter(), time.perf_counter()
+        window = [0.0, 0, 0.0]  # loss sum, steps, seconds since the last progress line
         try:
             while self.step < tc.steps:
                 row = self.train_step()
                 now = time.perf_counter()
                 row["it_per_s"] = 1.0 / max(1e-9, now - last)
+                window = [window[0] + row["loss"], window[1] + 1, window[2] + now - last]
                 row["minutes"] = (now - t0) / 60
                 row["val_loss"] = ""
                 history.append(row)
@@ -488,8 +490,9 @@ class Trainer:
                         self.write_samples(self.out_dir / "samples" / f"step_{self.step:07d}.gif")
                 if self.step % tc.log_every == 0 or row["val_loss"] != "":
                     val = f" val {row['val_loss']:.4f}" if row["val_loss"] != "" else ""
-                    log(f"step {self.step}/{tc.steps} loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                        f"{row['it_per_s']:.2f} it/s{val}")
+                    log(f"step {self.step}/{tc.steps} loss {window[0] / window[1]:.4f} lr {row['lr']:.2e} "
+                        f"{window[1] / max(1e-9, window[2]):.2f} it/s{val}")  # means since the last line
+                    window = [0.0, 0, 0.0]
                 if metrics:
                     writer.writerow(row)
                     metrics.flush()

@@ -66,3 +66,29 @@ def test_add_noise_matches_diffusers_and_is_per_frame():
 def test_make_diffusion_rejects_unknown_objective():
     with pytest.raises(ValueError, match="objective"):
         make_diffusion("v")
+
+
+@pytest.mark.parametrize("sigma_min", [0.05, 0.3])
+def test_sample_prediction_is_the_native_head_turned_into_a_velocity(sigma_min):
+    """prediction='sample': the same weights' raw output is read as x0 and returned as the
+    velocity (x_sigma - x0_hat) / max(sigma, sigma_min), per frame; float64, exact."""
+    from conftest import tiny_model
+
+    native = tiny_model(conditioning="none", num_classes=0)
+    sample = tiny_model(conditioning="none", num_classes=0, prediction="sample", sample_sigma_min=sigma_min)
+    sample.load_state_dict(native.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 8, 8, generator=g, dtype=torch.float64)
+    sigma = torch.tensor([[1.0, 0.5, 0.2, 0.01, 0.0], [0.9, 0.05, 0.3, 0.7, 0.001]], dtype=torch.float64)
+    t = sigma * native.config.num_train_timesteps
+    with torch.no_grad():
+        x0_hat = native(x, t)
+        v = sample(x, t)
+    expect = (x - x0_hat) / sigma.clamp_min(sigma_min)[:, None, :, None, None]
+    assert torch.equal(v, expect)
+    # Where sigma >= sigma_min, an Euler step from sigma to 0 lands on the predicted x0.
+    x_end = FlowMatching.update(x, v, sigma[:, None, :, None, None], 0.0)
+    ok = sigma >= sigma_min  # (B, F)
+    assert ok.sum() >= 5 and (~ok).sum() >= 2
+    err = (x_end - x0_hat).abs().amax(dim=(1, 3, 4))  # (B, F)
+    assert err[ok].max() < 1e-12 and err[~ok].min() > 1e-3

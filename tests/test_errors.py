@@ -25,6 +25,9 @@ from conftest import tiny_config, tiny_model
     (dict(prefix_enhance=True, prefix_enhance_frames=0), "prefix_enhance_frames"),
     (dict(positions="rope", hidden=36, heads=4), "heads"),  # head dim 9 is odd
     (dict(mlp_ratio=0), "mlp_ratio"),
+    (dict(prediction="x0"), "prediction"),
+    (dict(objective="eps", prediction="sample"), "prediction"),  # x0 prediction is a flow option
+    (dict(prediction="sample", sample_sigma_min=0), "sample_sigma_min"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}="):

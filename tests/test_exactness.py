@@ -32,13 +32,15 @@ def _slides(model, num_frames):
 
 
 @pytest.mark.parametrize("positions", ["cyclic", "rope"])
-@pytest.mark.parametrize("objective", ["flow", "eps"])
+@pytest.mark.parametrize("objective", ["flow", "eps", "flow-sample"])
 @pytest.mark.parametrize("prefix_frames", [0, 1])
 def test_shared_equals_oracle_float64(positions, objective, prefix_frames):
     """7 chunks, >= 3 window slides, batch 2 with different prompts and seeds, text + guidance +
-    negative prompt, prefix enhancement, both samplers, both position modes, prefix 0 and 1."""
+    negative prompt, prefix enhancement, both samplers (and x0 prediction), both position modes,
+    prefix 0 and 1."""
+    objective, _, prediction = objective.partition("-")
     model = tiny_model(positions=positions, objective=objective, prefix_frames=prefix_frames,
-                       conditioning="text", text_dim=16, prefix_enhance=True)
+                       conditioning="text", text_dim=16, prefix_enhance=True, prediction=prediction or "native")
     n = prefix_frames + 7 * model.config.chunk_frames
     assert _slides(model, n) >= 3
     kw = _kwargs(model)

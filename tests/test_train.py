@@ -127,8 +127,9 @@ def test_digits_config_layout():
     (dict(conditioning="class"), dict(layout="all-chunks", prefix_noise=0.1)),
     (dict(conditioning="none", num_classes=0, prefix_frames=0, max_context_frames=4), dict(layout="all-chunks")),
     (dict(conditioning="class"), dict(grad_checkpointing=True)),
+    (dict(conditioning="text", num_classes=0, text_dim=TEXT_DIM, prediction="sample"), {}),
 ], ids=["none", "class", "text", "no-prefix", "grad-accum", "prefix-noise", "eps", "text-rope-accum",
-        "all-chunks", "all-chunks-no-prefix", "grad-checkpointing"])
+        "all-chunks", "all-chunks-no-prefix", "grad-checkpointing", "x0-prediction"])
 def test_one_training_step(overrides, train_overrides):
     tr = make_trainer(model_config(**overrides), train_config(**train_overrides))
     before = params(tr.model)
