@@ -619,6 +619,19 @@ class CausalVideoDiT(nn.Module):
                 out = self.velocity_from_sample(x, out, t)
         return (out, hidden) if return_hidden else out
 
+    def target(self, x0, noise, level):
+        """What the network output is trained towards for frames noised to ``level`` (B, F).
+
+        The objective's target (velocity or noise); with ``prediction='sample'`` the velocity is
+        (x_sigma - x0) / max(sigma, sigma_min), which ``velocity_from_sample`` reaches exactly when
+        x0_hat = x0, also below sigma_min (an unclamped target would be out of reach there).
+        """
+        target = self.diffusion.target(x0, noise, level)
+        if self.config.prediction == "sample":
+            ratio = level / level.clamp_min(self.config.sample_sigma_min)  # (B, F), 1 where sigma >= sigma_min
+            target = target * ratio.to(target.dtype)[:, None, :, None, None]
+        return target
+
     def velocity_from_sample(self, x, x0_hat, t):
         """x0 prediction -> flow velocity (x_sigma - x0_hat) / sigma, sigma clamped below at
         ``sample_sigma_min``. x, x0_hat: (B, C, F, H, W); t: (B, F) network time sigma * N.

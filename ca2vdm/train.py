@@ -177,7 +177,7 @@ def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int,
     if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
         shift = draws.choice(cfg.cyclic_length)
     pred = model(xt, t, cond, start=prefix_start(cfg, n_prefix), tpe_shift=shift)[:, :, n_prefix:]
-    target = diff.target(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
+    target = model.target(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
     return F.mse_loss(pred.float(), target.float())
 
 
@@ -202,7 +202,7 @@ def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torc
     if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
         shift = draws.choice(cfg.cyclic_length)
     pred = model.forward_teacher_forcing(clean, noisy, diff.model_time(level), cond, tpe_shift=shift)
-    target = diff.target(x0[:, :, p:], noise, level)
+    target = model.target(x0[:, :, p:], noise, level)
     return F.mse_loss(pred.float(), target.float())
 
 

@@ -92,3 +92,23 @@ def test_sample_prediction_is_the_native_head_turned_into_a_velocity(sigma_min):
     assert ok.sum() >= 5 and (~ok).sum() >= 2
     err = (x_end - x0_hat).abs().amax(dim=(1, 3, 4))  # (B, F)
     assert err[ok].max() < 1e-12 and err[~ok].min() > 1e-3
+
+
+def test_sample_prediction_target_is_reached_by_the_true_x0():
+    """With prediction='sample' the training target is what the model returns for x0_hat = x0,
+    at every noise level, below sigma_min included; with 'native' it is the plain velocity."""
+    from conftest import tiny_model
+
+    model = tiny_model(conditioning="none", num_classes=0, prediction="sample")
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 3, 4, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    level = torch.tensor([[1.0, 0.3, 0.05, 0.01], [0.001, 0.5, 0.04, 0.9]], dtype=torch.float64)
+    xt = model.diffusion.add_noise(x0, noise, level)
+    t = model.diffusion.model_time(level)
+    assert torch.allclose(model.target(x0, noise, level), model.velocity_from_sample(xt, x0, t), atol=1e-12)
+    plain = model.diffusion.target(x0, noise, level)
+    high = level >= model.config.sample_sigma_min
+    assert torch.equal(model.target(x0, noise, level)[:, :, high[0]][0], plain[:, :, high[0]][0])
+    native = tiny_model(conditioning="none", num_classes=0)
+    assert torch.equal(native.target(x0, noise, level), plain)
