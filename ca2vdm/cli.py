@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "digits"
-DEFAULT_PROMPT = "a 3 moving right and a 7 moving down"
+DEFAULT_PROMPT = "a 3 moving down and right"
 
 
 def _save(report: dict, json_path=None, plot_path=None, plot=None):
