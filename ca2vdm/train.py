@@ -13,8 +13,8 @@ One training step (``ca2vdm_loss``):
 
 All randomness of step s comes from generators seeded by (seed, s) for what the batch shares and
 by (seed, s, j) for sample j (``Draws``), so a resumed run draws the same batches and noise as one
-that never stopped, and N DDP ranks together draw what one process would. Weights, EMA, optimizer moments and metadata are
-saved with ``checkpoint.save_checkpoint`` (safetensors, atomic).
+that never stopped, and N DDP ranks together draw what one process would. Weights, EMA, optimizer
+moments and metadata are saved with ``checkpoint.save_checkpoint`` (safetensors, atomic).
 """
 
 import contextlib
@@ -471,13 +471,13 @@ class Trainer:
                 writer.writeheader()
             board = _tensorboard(self.out_dir / "tensorboard")
         t0, last = time.perf_counter(), time.perf_counter()
-        window = [0.0, 0, 0.0]  # loss sum, steps, seconds since the last progress line
+        loss_sum, n_steps, seconds = 0.0, 0, 0.0  # since the last progress line
         try:
             while self.step < tc.steps:
                 row = self.train_step()
                 now = time.perf_counter()
                 row["it_per_s"] = 1.0 / max(1e-9, now - last)
-                window = [window[0] + row["loss"], window[1] + 1, window[2] + now - last]
+                loss_sum, n_steps, seconds = loss_sum + row["loss"], n_steps + 1, seconds + now - last
                 row["minutes"] = (now - t0) / 60
                 row["val_loss"] = ""
                 history.append(row)
@@ -490,9 +490,9 @@ class Trainer:
                         self.write_samples(self.out_dir / "samples" / f"step_{self.step:07d}.gif")
                 if self.step % tc.log_every == 0 or row["val_loss"] != "":
                     val = f" val {row['val_loss']:.4f}" if row["val_loss"] != "" else ""
-                    log(f"step {self.step}/{tc.steps} loss {window[0] / window[1]:.4f} lr {row['lr']:.2e} "
-                        f"{window[1] / max(1e-9, window[2]):.2f} it/s{val}")  # means since the last line
-                    window = [0.0, 0, 0.0]
+                    log(f"step {self.step}/{tc.steps} loss {loss_sum / n_steps:.4f} lr {row['lr']:.2e} "
+                        f"{n_steps / max(1e-9, seconds):.2f} it/s{val}")  # means since the last line
+                    loss_sum, n_steps, seconds = 0.0, 0, 0.0
                 if metrics:
                     writer.writerow(row)
                     metrics.flush()
