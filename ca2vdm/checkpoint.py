@@ -98,10 +98,13 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = torch.float3
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_state(model: torch.nn.Module, state: dict, source) -> None:
-    """``load_state_dict`` with a message that says which keys or shapes do not match."""
+def load_state(model: torch.nn.Module, state: dict, source, allow_missing: bool = False) -> list[str]:
+    """``load_state_dict`` with a message that says which keys or shapes do not match. With
+    ``allow_missing`` the model's keys that ``state`` lacks keep their values (a fine-tune that adds a
+    module); they are returned. Unexpected keys and shape mismatches are always errors."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
+    kept, missing = (missing, []) if allow_missing else ([], missing)
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in state and state[k].shape != own[k].shape]
@@ -114,7 +117,8 @@ def load_state(model: torch.nn.Module, state: dict, source) -> None:
         if shapes:
             parts.append(f"shape mismatch: {shapes[0]}")
         raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=not allow_missing)
+    return kept
 
 
 def export_checkpoint(src, dst, dtype: torch.dtype = torch.float16) -> Path:

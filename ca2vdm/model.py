@@ -7,6 +7,7 @@ Every frame has its own diffusion time, (B, F), driving adaLN shift/scale/gate. 
     x += PrefixAttn(norm_p(x), last R clean frames) optional "prefix enhancement"
     x += g_t * TemporalAttn(mod(norm_t(x)) + TPE)  across frames at each token, causal by chunk
     x += CrossAttn(norm_c(x), text)                optional text conditioning
+    (mod/g: adaLN from the frame's time embedding, plus a class embedding or the pooled prompt)
     x += g2 * MLP(mod(norm2(x)))
 
 The cyclic TPE rows (or RoPE rotations) enter every block's temporal attention, not only block 0's
@@ -86,6 +87,7 @@ class ModelConfig:
     conditioning: str = "none"      # "none", "class" or "text"
     num_classes: int = 0            # for "class"
     text_dim: int = 384             # width of text token states, for "text"
+    pooled_text: bool = False       # "text": also add an MLP of the mean token state to the adaLN input
     prefix_enhance: bool = False    # extra spatial attention to the last R clean frames
     prefix_enhance_frames: int = 3  # R
     objective: str = "flow"         # "flow" (velocity, Euler) or "eps" (DDPM, DDIM)
@@ -140,6 +142,8 @@ class ModelConfig:
             bad("num_classes", "must be at least 1 for class conditioning")
         if self.conditioning == "text" and self.text_dim < 1:
             bad("text_dim", "must be at least 1 for text conditioning")
+        if self.pooled_text and self.conditioning != "text":
+            bad("pooled_text", f"needs conditioning 'text', got {self.conditioning!r}")
         if self.prefix_enhance and self.prefix_enhance_frames < 1:
             bad("prefix_enhance_frames", "must be at least 1 when prefix_enhance is on")
         if self.objective not in ("flow", "eps"):
@@ -390,7 +394,7 @@ class Block(nn.Module):
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 9 * D))
 
     def forward(self, x, c, cond, ctx: FrameContext, index: int):
-        # x (B, F, S, D); c (B, F, D) per-frame time (+ label) embedding
+        # x (B, F, S, D); c (B, F, D) per-frame time (+ label / pooled text) embedding
         s1, sc1, g1, st, sct, gt, s2, sc2, g2 = self.adaLN(c)[:, :, None].chunk(9, dim=-1)  # (B, F, 1, D)
         x = x + g1 * self.spatial(modulate(self.norm1(x), s1, sc1))
         if self.prefix is not None:
@@ -427,18 +431,19 @@ class TimestepEmbedder(nn.Module):
 
 @dataclass
 class Condition:
-    """Conditioning prepared once per prompt set: per-block text K/V and the label embedding."""
+    """Conditioning prepared once per prompt set: per-block text K/V and one vector per sample that is
+    added to the timestep embedding (the adaLN input): the class embedding, or the pooled prompt."""
 
     kv: list | None = None           # per block (k, v), each (B, H, N, d)
     mask: torch.Tensor | None = None  # (B, 1, 1, N) bool
-    label: torch.Tensor | None = None  # (B, D)
+    vector: torch.Tensor | None = None  # (B, D)
     batch: int = 0
 
     def rows(self, rows: list[int]) -> "Condition":
         """The conditioning of some batch rows."""
         pick = (lambda t: None if t is None else t[rows])
         kv = None if self.kv is None else [(k[rows], v[rows]) for k, v in self.kv]
-        return Condition(kv, pick(self.mask), pick(self.label), len(rows))
+        return Condition(kv, pick(self.mask), pick(self.vector), len(rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,6 +463,8 @@ class CausalVideoDiT(nn.Module):
         self.time_embed = TimestepEmbedder(D)
         self.label_embed = nn.Embedding(cfg.num_classes + 1, D) if cfg.conditioning == "class" else None
         self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02) if cfg.conditioning == "text" else None
+        self.text_pool = (nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D))
+                          if cfg.pooled_text else None)
         self.tpe = CyclicTPE(cfg.cyclic_length, D) if cfg.positions == "cyclic" else None
         self.rope = RoPE(D // cfg.heads, cfg.rope_base) if cfg.positions == "rope" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
@@ -481,6 +488,7 @@ class CausalVideoDiT(nn.Module):
         if self.label_embed is not None:
             nn.init.normal_(self.label_embed.weight, std=0.02)
         zero = [self.final_adaLN[1], self.final_proj]
+        zero += [self.text_pool[2]] if self.text_pool is not None else []
         for b in self.blocks:
             zero.append(b.adaLN[1])
             zero += [b.prefix.proj] if b.prefix is not None else []
@@ -503,7 +511,7 @@ class CausalVideoDiT(nn.Module):
         return Text(self.null_text[None].expand(batch, -1, -1))
 
     def condition(self, batch: int, text: Text | None = None, labels: torch.Tensor | None = None) -> Condition:
-        """Prepare conditioning once: text K/V for every block, label embedding.
+        """Prepare conditioning once: text K/V for every block, the pooled prompt or the label embedding.
 
         ``text=None`` (text model) or ``labels`` entries equal to ``num_classes`` mean "no condition".
         """
@@ -518,7 +526,11 @@ class CausalVideoDiT(nn.Module):
                 raise ValueError("every prompt needs at least one unmasked text token")
             states = text.states.to(self.device, self.dtype)
             cond.kv = [b.cross.text_kv(states) for b in self.blocks]
-            cond.mask = text.mask.to(self.device)[:, None, None, :]
+            mask = text.mask.to(self.device)
+            cond.mask = mask[:, None, None, :]
+            if self.text_pool is not None:  # the mean of the real tokens (B, Dt) -> (B, D)
+                w = mask.to(states.dtype)[:, :, None]
+                cond.vector = self.text_pool((states * w).sum(1) / w.sum(1))
         elif text is not None:
             raise ValueError(f"this model has conditioning={cfg.conditioning!r}; it takes no text prompt")
         if cfg.conditioning == "class":
@@ -529,7 +541,7 @@ class CausalVideoDiT(nn.Module):
                 raise ValueError(f"expected {batch} class labels, got {labels.shape[0]}")
             if bool((labels < 0).any() | (labels > cfg.num_classes).any()):
                 raise ValueError(f"class labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = none)")
-            cond.label = self.label_embed(labels)
+            cond.vector = self.label_embed(labels)
         elif labels is not None:
             raise ValueError(f"this model has conditioning={cfg.conditioning!r}; it takes no class labels")
         return cond
@@ -544,8 +556,8 @@ class CausalVideoDiT(nn.Module):
     def cat_conditions(a: Condition, b: Condition) -> Condition:
         """Stack two conditions along the batch (guidance runs both branches as one 2B batch)."""
         out = Condition(batch=a.batch + b.batch)
-        if a.label is not None:
-            out.label = torch.cat([a.label, b.label])
+        if a.vector is not None:
+            out.vector = torch.cat([a.vector, b.vector])
         if a.kv is not None:
             n = max(a.mask.shape[-1], b.mask.shape[-1])
             pad = lambda t, n=n: F.pad(t, (0, 0, 0, n - t.shape[2]))  # noqa: E731  (B, H, N, d) tokens
@@ -585,8 +597,8 @@ class CausalVideoDiT(nn.Module):
         """Tokens (B, F, S, D) and per-frame adaLN input c (B, F, D)."""
         tokens = self.patch_embed(self.patchify(x)) + self.spatial_pos.to(self.dtype)
         c = self.time_embed(t)
-        if cond is not None and cond.label is not None:
-            c = c + cond.label[:, None]
+        if cond is not None and cond.vector is not None:
+            c = c + cond.vector[:, None]
         return tokens, c
 
     def _positions(self, frames, shift: int):

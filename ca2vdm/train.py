@@ -53,6 +53,7 @@ class TrainConfig:
     autocast: str = "auto"         # "auto": bf16 (attention fp32) on CPU and CUDA; "off": model dtype
     layout: str = "prefix"         # "prefix": the paper's one-prefix-per-batch recipe; "all-chunks": teacher forcing
     grad_checkpointing: bool = False
+    init_from: str | None = None   # a checkpoint directory whose (EMA) weights start a new run (fine-tuning)
     eval_every: int = 250
     save_every: int = 250
     val_clips: int = 32
@@ -440,6 +441,15 @@ class Trainer:
         meta = dict(train=_jsonable(asdict(self.tc)), step=self.step, **self.extra_meta)
         save_checkpoint(path, ema_model, meta, tensors)
 
+    def init_from(self, path) -> list[str]:
+        """Start from another checkpoint's weights (its ``model.safetensors``), model and EMA alike.
+        The model config may add modules (they keep their initialisation; their names are returned)
+        but nothing else may differ: a removed key or another shape is a ``CheckpointError``."""
+        state = load_tensors(Path(path) / "model.safetensors")
+        new = load_state(self.model, state, Path(path) / "model.safetensors", allow_missing=True)
+        self.ema = EMA(self.model, self.tc.ema_decay)
+        return new
+
     def resume(self, path):
         meta = read_config(path)
         if ModelConfig.from_dict(meta["model"]) != self.model.config:
@@ -692,6 +702,9 @@ def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
         if resume and (out_dir / "checkpoint" / "config.json").is_file():
             trainer.resume(out_dir / "checkpoint")
             say(f"resumed from {out_dir / 'checkpoint'} at step {trainer.step}")
+        elif tc.init_from:
+            new = trainer.init_from(tc.init_from)
+            say(f"initialised from {tc.init_from}" + (f"; new: {', '.join(new)}" if new else ""))
         n_params = sum(p.numel() for p in trainer.model.parameters())
         procs = f" x {world} processes (global batch {tc.batch_size})" if world > 1 else ""
         say(f"training {n_params / 1e6:.2f}M parameters on {device}{procs}, clips of {frames} frames, "

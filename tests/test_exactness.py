@@ -36,11 +36,12 @@ def _slides(model, num_frames):
 @pytest.mark.parametrize("prefix_frames", [0, 1])
 def test_shared_equals_oracle_float64(positions, objective, prefix_frames):
     """7 chunks, >= 3 window slides, batch 2 with different prompts and seeds, text + guidance +
-    negative prompt, prefix enhancement, both samplers (and x0 prediction), both position modes,
-    prefix 0 and 1."""
+    negative prompt, prefix enhancement, both samplers (and x0 prediction with the pooled prompt in
+    adaLN, as the default model), both position modes, prefix 0 and 1."""
     objective, _, prediction = objective.partition("-")
     model = tiny_model(positions=positions, objective=objective, prefix_frames=prefix_frames,
-                       conditioning="text", text_dim=16, prefix_enhance=True, prediction=prediction or "native")
+                       conditioning="text", text_dim=16, prefix_enhance=True, prediction=prediction or "native",
+                       pooled_text=bool(prediction))
     n = prefix_frames + 7 * model.config.chunk_frames
     assert _slides(model, n) >= 3
     kw = _kwargs(model)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ca2vdm import CausalVideoDiT, ModelConfig
+from ca2vdm.model import Text
 from ca2vdm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ca2vdm.data import MovingDigits
 from ca2vdm.train import (TrainConfig, Trainer, apply_overrides, ca2vdm_loss, clip_frames, load_run_config,
@@ -128,8 +129,9 @@ def test_digits_config_layout():
     (dict(conditioning="none", num_classes=0, prefix_frames=0, max_context_frames=4), dict(layout="all-chunks")),
     (dict(conditioning="class"), dict(grad_checkpointing=True)),
     (dict(conditioning="text", num_classes=0, text_dim=TEXT_DIM, prediction="sample"), {}),
+    (dict(conditioning="text", num_classes=0, text_dim=TEXT_DIM, pooled_text=True), {}),
 ], ids=["none", "class", "text", "no-prefix", "grad-accum", "prefix-noise", "eps", "text-rope-accum",
-        "all-chunks", "all-chunks-no-prefix", "grad-checkpointing", "x0-prediction"])
+        "all-chunks", "all-chunks-no-prefix", "grad-checkpointing", "x0-prediction", "pooled-text"])
 def test_one_training_step(overrides, train_overrides):
     tr = make_trainer(model_config(**overrides), train_config(**train_overrides))
     before = params(tr.model)
@@ -550,6 +552,67 @@ def test_resume_from_a_weights_only_checkpoint(tmp_path):
     tr = make_trainer(cfg)
     with pytest.raises(CheckpointError, match="train.safetensors"):
         tr.resume(tmp_path / "ckpt")
+
+
+def text_config(**overrides) -> ModelConfig:
+    return model_config(conditioning="text", num_classes=0, text_dim=TEXT_DIM, **overrides)
+
+
+def test_init_from_adds_a_zero_initialised_module(tmp_path):
+    old = make_trainer(text_config())
+    old.train_step()
+    old.save(tmp_path / "old")
+    tr = make_trainer(text_config(pooled_text=True))
+    new = tr.init_from(tmp_path / "old")
+    assert new == ["text_pool.0.bias", "text_pool.0.weight", "text_pool.2.bias", "text_pool.2.weight"]
+    saved = load_checkpoint(tmp_path / "old").state_dict()
+    for k, v in tr.model.state_dict().items():
+        if not k.startswith("text_pool"):
+            assert torch.equal(v, saved[k]), k  # the old EMA weights, model and EMA alike
+            assert torch.equal(tr.ema.shadow[k], saved[k]), k
+    # the new branch starts at zero, so the fine-tune starts from the old model's function
+    video = digits(clip_frames(tr.model.config))[0]["video"][None]
+    t = torch.full(video.shape[:1] + video.shape[2:3], 500.0)
+    text = tr.text(["a 3 moving left"], "cpu")
+    old_model = load_checkpoint(tmp_path / "old")
+    with torch.no_grad():
+        cond = tr.model.condition(1, text)
+        assert cond.vector is not None and not cond.vector.any()
+        assert torch.allclose(tr.model(video, t, cond), old_model(video, t, old_model.condition(1, text)), atol=1e-6)
+    assert tr.step == 0 and tr.train_step()["loss"] > 0
+
+
+def test_pooled_text_depends_on_the_real_tokens_only():
+    torch.manual_seed(0)
+    model = CausalVideoDiT(text_config(pooled_text=True))
+    torch.nn.init.normal_(model.text_pool[2].weight)
+    states = torch.randn(2, 3, TEXT_DIM)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    vec = model.condition(2, Text(states, mask)).vector  # (B, D)
+    padded = states.clone()
+    padded[0, 2] = 100.0  # a padding token must not count
+    assert torch.allclose(model.condition(2, Text(padded, mask)).vector, vec)
+    assert torch.allclose(vec[0], model.text_pool(states[0, :2].mean(0)))
+    other = states.clone()
+    other[0, 1] += 1.0
+    assert not torch.allclose(model.condition(2, Text(other, mask)).vector[0], vec[0])
+
+
+def test_init_from_rejects_removed_keys_and_other_shapes(tmp_path):
+    save_checkpoint(tmp_path / "pooled", CausalVideoDiT(text_config(pooled_text=True)), {"step": 0})
+    tr = make_trainer(text_config())
+    before = params(tr.model)
+    with pytest.raises(CheckpointError, match="unexpected 4 keys"):
+        tr.init_from(tmp_path / "pooled")
+    save_checkpoint(tmp_path / "wide", CausalVideoDiT(text_config(hidden=48)), {"step": 0})
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        tr.init_from(tmp_path / "wide")
+    assert all(torch.equal(v, before[k]) for k, v in params(tr.model).items())  # nothing was loaded
+
+
+def test_pooled_text_needs_text_conditioning():
+    with pytest.raises(ValueError, match="pooled_text"):
+        model_config(pooled_text=True)
 
 
 # --------------------------------------------------------------------------------------------
