@@ -697,6 +697,16 @@ def test_load_run_config_digits():
     assert cfg["data"]["dataset"] == "moving-digits"
 
 
+def test_digits_stage2_continues_stage1():
+    """Stage 2 starts from stage 1's run and differs from it only where its header says."""
+    one = load_run_config(REPO / "configs" / "digits.yaml")
+    two = load_run_config(REPO / "configs" / "digits_stage2.yaml")
+    assert two["train"]["init_from"] == f"{one['out_dir']}/checkpoint"
+    assert {k: v for k, v in two["model"].items() if k not in ("pooled_text", "flow_shift")} == one["model"]
+    assert two["model"]["pooled_text"] and two["model"]["flow_shift"] == 3.0
+    assert two["data"] == one["data"] and two["out_dir"] != one["out_dir"]
+
+
 def test_load_run_config_rejects_unknown_names(tmp_path):
     with pytest.raises(ValueError, match="unknown sections optim"):
         load_run_config(write_yaml(tmp_path, "model: {hidden: 32, heads: 2}\noptim: {lr: 1}\n"))
