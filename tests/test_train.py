@@ -14,7 +14,7 @@ import torch
 
 from ca2vdm import CausalVideoDiT, ModelConfig
 from ca2vdm.model import Text
-from ca2vdm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ca2vdm.checkpoint import DEFAULT_GUIDANCE, CheckpointError, guidance_for, load_checkpoint, save_checkpoint
 from ca2vdm.data import MovingDigits
 from ca2vdm.train import (TrainConfig, Trainer, apply_overrides, ca2vdm_loss, clip_frames, load_run_config,
                           lr_at, prefix_choices)
@@ -475,6 +475,20 @@ def saved(tmp_path):
     path = tmp_path / "ckpt"
     save_checkpoint(path, tiny_model(dtype=torch.float32))
     return path
+
+
+def test_guidance_for_prefers_the_user_then_the_checkpoint(tmp_path):
+    model = CausalVideoDiT(model_config())
+    save_checkpoint(tmp_path / "plain", model, {})
+    save_checkpoint(tmp_path / "rec", model, {"sampling": {"guidance": 6}})
+    save_checkpoint(tmp_path / "bad", model, {"sampling": {"guidance": "high"}})
+    assert guidance_for(tmp_path / "plain") == DEFAULT_GUIDANCE
+    assert guidance_for(tmp_path / "rec") == 6.0 and guidance_for(tmp_path / "rec", 1.5) == 1.5
+    with pytest.raises(CheckpointError, match="sampling.guidance must be a number"):
+        guidance_for(tmp_path / "bad")
+    for wrong in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="must be >= 0"):
+            guidance_for(tmp_path / "rec", wrong)
 
 
 def test_load_missing_directory(tmp_path):
