@@ -8,7 +8,8 @@ Layout of a checkpoint directory::
     train.safetensors    optional: raw weights, optimizer moments, RNG states (to resume)
 
 Everything is written into a temporary sibling directory and renamed into place, so a crash never
-leaves a half-written checkpoint under the final name. Nothing is ever unpickled: weights and
+leaves a half-written checkpoint under the final name. Saving over an existing checkpoint replaces
+the three files above and keeps everything else in the directory (a model card, logs). Nothing is ever unpickled: weights and
 optimizer tensors are safetensors, everything else JSON.
 """
 
@@ -28,13 +29,18 @@ from .model import CausalVideoDiT, ModelConfig
 DEFAULT_GUIDANCE = 4.0  # classifier-free guidance scale when neither the user nor the checkpoint names one
 
 
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "train.safetensors")  # what a save owns
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or does not match the model."""
 
 
 def save_checkpoint(path, model: CausalVideoDiT, extra: dict | None = None,
                     train_tensors: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
-    """Write ``model`` (optionally cast to ``dtype``) and metadata to directory ``path``, atomically."""
+    """Write ``model`` (optionally cast to ``dtype``) and metadata to directory ``path``, atomically.
+    Over an existing directory, files other than ``CHECKPOINT_FILES`` (a model card, a log) are kept;
+    a stale ``train.safetensors`` is not."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -53,6 +59,14 @@ def save_checkpoint(path, model: CausalVideoDiT, extra: dict | None = None,
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
         old = None
+        if path.is_dir():  # keep what is not ours (hard links: no copy), before the swap
+            for f in path.iterdir():
+                if f.name in CHECKPOINT_FILES:
+                    continue
+                if f.is_dir():
+                    shutil.copytree(f, tmp / f.name, copy_function=_link_or_copy)
+                else:
+                    _link_or_copy(f, tmp / f.name)
         if path.exists():  # move the old one aside first, then swap, then delete it
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -62,6 +76,14 @@ def save_checkpoint(path, model: CausalVideoDiT, extra: dict | None = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
 
 
 def read_config(path) -> dict:

@@ -467,6 +467,22 @@ def test_checkpoint_replaced_atomically(tmp_path):
     assert dir_bytes(tmp_path / "ckpt") == before
 
 
+def test_saving_over_a_checkpoint_keeps_other_files(tmp_path):
+    """A model card or a log beside the weights survives a save (e.g. `export` over a shipped model);
+    the checkpoint's own files are replaced, and a stale train.safetensors does not linger."""
+    path = tmp_path / "ckpt"
+    save_checkpoint(path, tiny_model(dtype=torch.float32, seed=0), train_tensors={"x": torch.ones(3)})
+    (path / "MODEL_CARD.md").write_text("card")
+    (path / "logs").mkdir()
+    (path / "logs" / "train.txt").write_text("log")
+    b = tiny_model(dtype=torch.float32, seed=1)
+    save_checkpoint(path, b, dtype=torch.float16)
+    assert sorted(p.name for p in path.iterdir()) == ["MODEL_CARD.md", "config.json", "logs", "model.safetensors"]
+    assert (path / "MODEL_CARD.md").read_text() == "card" and (path / "logs" / "train.txt").read_text() == "log"
+    assert torch.equal(load_checkpoint(path).final_proj.weight, b.final_proj.weight.half().float())
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
 # --------------------------------------------------------------------------------------------
 # 6. Checkpoint errors
 # --------------------------------------------------------------------------------------------
