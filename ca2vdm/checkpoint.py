@@ -9,8 +9,8 @@ Layout of a checkpoint directory::
 
 Everything is written into a temporary sibling directory and renamed into place, so a crash never
 leaves a half-written checkpoint under the final name. Saving over an existing checkpoint replaces
-the three files above and keeps everything else in the directory (a model card, logs). Nothing is ever unpickled: weights and
-optimizer tensors are safetensors, everything else JSON.
+the three files above and keeps everything else in the directory (a model card, logs). Nothing is
+ever unpickled: weights and optimizer tensors are safetensors, everything else JSON.
 """
 
 import json
@@ -79,6 +79,7 @@ def save_checkpoint(path, model: CausalVideoDiT, extra: dict | None = None,
 
 
 def _link_or_copy(src, dst):
+    """Hard-link ``src`` to ``dst`` (no bytes copied), or copy it where links are not possible."""
     try:
         os.link(src, dst)
     except OSError:

@@ -35,8 +35,8 @@ import torch
 # Metric threshold -> stride to the next computed step (1 = compute the next step too).
 # Long schedules: AdaCache's 30-step Open-Sora codebook. Short schedules (<= 20 steps, the library's
 # default is 20): the per-step change is larger and fewer steps remain to reuse, so thresholds and
-# strides shorter; calibrated on an earlier default moving-digits model, whose mid-schedule change per step
-# is 0.10-0.15 at 20 steps (so most steps get stride 2 or 3).
+# strides shorter; calibrated on an earlier default moving-digits model, whose mid-schedule change
+# per step is 0.10-0.15 at 20 steps (so most steps get stride 2 or 3).
 CODEBOOK_LONG = {0.08: 6, 0.16: 5, 0.24: 4, 0.32: 3, 0.40: 2, 1.00: 1}
 CODEBOOK_SHORT = {0.06: 4, 0.12: 3, 0.18: 2, 1.00: 1}
 SHORT_SCHEDULE_STEPS = 20
