@@ -5,7 +5,7 @@ Layout of a checkpoint directory::
     config.json          {"model": ModelConfig fields, "train": training settings, "step": N,
                           optional "sampling": {"guidance": the recommended scale}, ...}
     model.safetensors    the weights used for generation (the EMA weights in a training run)
-    train.safetensors    optional: raw weights, optimizer moments, RNG states (to resume)
+    train.safetensors    optional: raw weights and optimizer moments (to resume)
 
 Everything is written into a temporary sibling directory and renamed into place, so a crash never
 leaves a half-written checkpoint under the final name. Saving over an existing checkpoint replaces
@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .model import CausalVideoDiT, ModelConfig
+from .config import ModelConfig
+from .model import CausalVideoDiT
 
 
 DEFAULT_GUIDANCE = 4.0  # classifier-free guidance scale when neither the user nor the checkpoint names one

@@ -1,11 +1,13 @@
-"""The ``ca2vdm`` command. Nothing imports this module."""
+"""The ``ca2vdm`` command: argument parsing and dispatch to the library's public functions.
+Nothing imports this module."""
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "digits"
+from .assets import DEFAULT_MODEL, asset_path
+
+DEFAULT_CHECKPOINT = asset_path(DEFAULT_MODEL)
 DEFAULT_PROMPT = "a 3 moving down and right"
 GUIDANCE_HELP = "classifier-free guidance scale (1 = off; default: the checkpoint's recommended scale, else 4)"
 
@@ -50,122 +52,6 @@ def _device_and_dtype(args):
     return args.device, getattr(torch, args.dtype)
 
 
-def _first_frames(path, model, batch, autoencoder):
-    """An image, or a video's last frames, resized to the model's frame size and encoded by the
-    checkpoint's autoencoder: (B, C, p, H, W)."""
-    from .video import read_image, read_video
-
-    cfg = model.config
-    if autoencoder.channels != cfg.in_channels:
-        raise ValueError(f"this model works on {cfg.in_channels}-channel latents and its checkpoint names no "
-                         f"autoencoder to encode --first-frame with")
-    size = tuple(s * autoencoder.downsample for s in cfg.frame_size)
-    p = cfg.prefix_frames
-    if p == 0:
-        raise ValueError("this model starts from a prompt alone (prefix_frames=0); it takes no --first-frame")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"first-frame file not found: {path}")
-    if Path(path).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"):
-        frames = read_image(path, size)
-    else:
-        frames = read_video(path, size)
-    frames = frames[:, -p:]
-    if frames.shape[1] < p:  # an image for a model that takes several frames: repeat it
-        frames = frames[:, :1].repeat(1, p, 1, 1)
-    latents = autoencoder.encode(frames[None])
-    return latents.expand(batch, -1, -1, -1, -1).to(model.device, model.dtype)
-
-
-def run_generation(checkpoint, frames, prompts=None, label=None, negative=None, first_frame=None,
-                   guidance=None, steps=20, seed=0, cache="shared", out="outputs/video.mp4", save_latents=None,
-                   device="cpu", dtype="float32", extra_outputs=(), fps=8, scale=4, step_cache=None):
-    """Load a checkpoint, generate, append each chunk to the output file(s) as it completes."""
-    import torch
-
-    from .autoencoder import load_autoencoder
-    from .checkpoint import guidance_for, load_checkpoint, read_config
-    from .generate import GenerationStats, generate
-    from .model import Text
-    from .video import VideoWriter
-
-    guidance = guidance_for(checkpoint, guidance)
-    model = load_checkpoint(checkpoint, device=device, dtype=getattr(torch, dtype))
-    cfg = model.config
-    autoencoder = load_autoencoder(read_config(checkpoint).get("autoencoder", "pixel"), device)
-    if step_cache:
-        if cache != "shared":
-            raise ValueError(f"--step-cache works inside the shared-cache loop; it cannot be used with --cache {cache}")
-        model.enable_step_cache(step_cache)
-    if frames < cfg.prefix_frames + cfg.chunk_frames:
-        raise ValueError(f"--frames {frames} is less than one chunk: this model needs at least "
-                         f"{cfg.prefix_frames + cfg.chunk_frames} ({cfg.prefix_frames} given + {cfg.chunk_frames})")
-    if prompts is not None and cfg.conditioning != "text":
-        raise ValueError(f"this model is {cfg.conditioning}-conditioned; it takes no --prompt"
-                         + (" (use --label)" if cfg.conditioning == "class" else ""))
-    if label is not None and cfg.conditioning != "class":
-        raise ValueError(f"this model has conditioning={cfg.conditioning!r}; it takes no --label")
-    if prompts is None and label is None and cfg.conditioning == "text":
-        raise ValueError("this model is text-conditioned: give --prompt or --prompts-file")
-    batch = len(prompts) if prompts else 1
-    if cfg.conditioning == "none":
-        guidance = 1.0
-    first = _first_frames(first_frame, model, batch, autoencoder) if first_frame else None
-    if cfg.prefix_frames and first is None:
-        raise ValueError(f"this model continues {cfg.prefix_frames} given frame(s): pass --first-frame")
-    prompt = neg = labels = None
-    if prompts is not None:
-        from .text import get_text_encoder
-
-        enc = get_text_encoder("cpu")
-        prompt = Text(*enc.encode(prompts))
-        if negative:
-            neg = Text(*enc.encode([negative] * len(prompts)))
-    elif label is not None:
-        labels = torch.tensor([label])
-
-    def per_video(path):  # one file per video: name_0.mp4, name_1.mp4, ... for a batch
-        path = Path(path)
-        return [path] if batch == 1 else [path.with_name(f"{path.stem}_{b}{path.suffix}") for b in range(batch)]
-
-    groups = [per_video(o) for o in (out, *extra_outputs)]  # (outputs, videos)
-    paths = [q for group in groups for q in group]
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    writers = [[VideoWriter(q, fps=fps, scale=scale) for q in group] for group in groups]
-    stats, latents = GenerationStats(), []
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=frames, unit="frame", desc="generating", file=sys.stderr)
-    except ImportError:
-        bar = None
-    t0 = time.perf_counter()
-    try:
-        for chunk in generate(model, frames, first_frames=first, prompt=prompt, negative_prompt=neg, labels=labels,
-                              steps=steps, guidance=guidance, seed=seed, mode=cache, batch=batch, stats=stats):
-            video = autoencoder.decode(chunk.float()).clamp(-1, 1).cpu()
-            for group in writers:
-                for b, w in enumerate(group):
-                    w.write(video[b])
-            if save_latents:
-                latents.append(chunk.float().cpu())
-            if bar:
-                bar.update(chunk.shape[2])
-                bar.set_postfix(chunks=stats.chunks, fps=f"{bar.n / (time.perf_counter() - t0):.1f}")
-    finally:
-        if bar:
-            bar.close()
-        for group in writers:
-            for w in group:
-                w.close()
-    seconds = time.perf_counter() - t0
-    if save_latents:
-        from safetensors.torch import save_file
-
-        Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
-        save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(save_latents))
-    return dict(paths=paths, seconds=seconds, stats=stats, frames=frames, batch=batch, step_cache=step_cache)
-
-
 def _report(result):
     s = result["stats"]
     print(f"time to first chunk: {s.seconds_to_first_chunk:.2f} s; "
@@ -188,114 +74,24 @@ def _generate(args):
         prompts = [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"{args.prompts_file} holds no prompts")
+    from .generate import generate_to_files
+
     device, _ = _device_and_dtype(args)
-    result = run_generation(args.checkpoint, args.frames, prompts, args.label, args.negative_prompt, args.first_frame,
+    result = generate_to_files(args.checkpoint, args.frames, prompts, args.label, args.negative_prompt, args.first_frame,
                             args.guidance, args.steps, args.seed, args.cache, args.out, args.save_latents,
                             device, args.dtype, fps=args.fps, scale=args.scale, step_cache=args.step_cache)
     _report(result)
 
 
 def _demo(args):
+    from .generate import generate_to_files
+
     out_dir = Path(args.out_dir)
     stem = f"demo_{args.frames}f_seed{args.seed}"
-    result = run_generation(args.checkpoint, args.frames, [args.prompt], guidance=args.guidance, steps=args.steps,
+    result = generate_to_files(args.checkpoint, args.frames, [args.prompt], guidance=args.guidance, steps=args.steps,
                             seed=args.seed, out=out_dir / f"{stem}.mp4", extra_outputs=[out_dir / f"{stem}.gif"])
     print(f'prompt: "{args.prompt}"')
     _report(result)
-
-
-def _with_fvd(report, generated, reference, chunk_frames, log):
-    """Add FVD (overall and per 16-frame window) when the videos are long enough."""
-    from .evaluate import FVD_CLIP_FRAMES, fvd_report
-
-    if min(generated.shape[2], reference.shape[2]) < FVD_CLIP_FRAMES:
-        log(f"  FVD skipped: fewer than {FVD_CLIP_FRAMES} frames")
-        return report
-    t0 = time.perf_counter()
-    report["fvd"] = fvd_report(generated, reference, chunk_frames)
-    log(f"  FVD {report['fvd']['fvd']:.1f} ({report['fvd']['clips_a']} generated vs {report['fvd']['clips_b']} real "
-        f"16-frame clips; I3D took {time.perf_counter() - t0:.0f} s)")
-    return report
-
-
-def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=None, seed=1000, batch=8,
-                    device="cpu", log=print, fvd=True) -> dict:
-    """Generate ``videos`` videos from the captions of held-out moving-digits clips and measure them
-    against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``),
-    and FVD (``fvd_report``) unless ``fvd=False``."""
-    import torch
-
-    from .checkpoint import guidance_for, load_checkpoint, read_config
-    from .data import MovingDigits
-    from .evaluate import digit_report, load_classifier
-    from .generate import generate_video
-    from .model import Text
-    from .text import get_text_encoder
-
-    guidance = guidance_for(checkpoint, guidance)
-    model = load_checkpoint(checkpoint, device=device)
-    data = dict(read_config(checkpoint).get("data", {}))
-    if data.get("dataset", "moving-digits") != "moving-digits" or model.config.conditioning != "text":
-        raise ValueError("the moving-digits figures need a text-conditioned model trained on moving-digits")
-    size = model.config.frame_size[0]
-    gt = MovingDigits(videos, frames, size=size, max_digits=data.get("max_digits", 3), split="val", seed=seed)
-    items = [gt[i] for i in range(videos)]
-    enc = get_text_encoder("cpu")
-    out, t0 = [], time.perf_counter()
-    for b in range(0, videos, batch):
-        part = items[b:b + batch]
-        prompt = Text(*enc.encode([it["caption"] for it in part]))
-        out.append(generate_video(model, frames, prompt=prompt, steps=steps, guidance=guidance,
-                                  seed=[seed + b + i for i in range(len(part))]).float().cpu())
-        log(f"  generated {b + len(part)}/{videos} videos of {frames} frames ({time.perf_counter() - t0:.0f} s)")
-    gen = torch.cat(out).clamp(-1, 1)
-    gt_videos = torch.stack([it["video"] for it in items])
-    report = digit_report(load_classifier(), gen, [it["digits"] for it in items], gt_videos,
-                          chunk_frames=model.config.chunk_frames)
-    report["settings"] = dict(checkpoint=str(checkpoint), videos=videos, frames=frames, steps=steps,
-                              guidance=guidance, seed=seed)
-    return _with_fvd(report, gen, gt_videos, model.config.chunk_frames, log) if fvd else report
-
-
-def evaluate_continuations(checkpoint, data: dict, frames=65, steps=20, guidance=None, seed=0, videos=None,
-                           device="cpu", log=print, fvd=True) -> dict:
-    """Continue the first frame(s) of every video of a folder dataset and compare the continuation
-    with the real video: PSNR / SSIM per chunk (the given frames excluded), and FVD."""
-    import torch
-
-    from .checkpoint import guidance_for, load_checkpoint
-    from .evaluate import fidelity
-    from .generate import generate_video
-    from .model import Text
-    from .train import build_dataset
-
-    guidance = guidance_for(checkpoint, guidance)
-    model = load_checkpoint(checkpoint, device=device)
-    cfg = model.config
-    if cfg.prefix_frames == 0 or cfg.in_channels != 3:
-        raise ValueError("continuations need a pixel-space model that starts from given frames (prefix_frames > 0)")
-    data = dict(data, cache=True)
-    data.pop("clips_per_video", None)
-    ds = build_dataset(data, frames, "train")
-    n = len(ds.videos) if videos is None else min(videos, len(ds.videos))
-    if n == 0:
-        raise ValueError(f"no video in {data.get('root')} has {frames} frames")
-    real = [ds.opening(v) for v in range(n)]
-    gt = torch.stack([r["video"] for r in real])  # (n, 3, frames, H, W)
-    p = cfg.prefix_frames
-    kw = dict(first_frames=gt[:, :, :p].to(device), steps=steps, seed=[seed + i for i in range(n)])
-    if cfg.conditioning == "text":
-        from .text import get_text_encoder
-
-        kw["prompt"], kw["guidance"] = Text(*get_text_encoder("cpu").encode([r["caption"] for r in real])), guidance
-    t0 = time.perf_counter()
-    gen = generate_video(model, frames, **kw).float().cpu().clamp(-1, 1)
-    log(f"  generated {n} continuations of {frames} frames ({time.perf_counter() - t0:.0f} s)")
-    report = fidelity(gen[:, :, p:], gt[:, :, p:], cfg.chunk_frames)
-    report.update(videos=[r["path"] for r in real], captions=[r["caption"] for r in real], frames=frames,
-                  given_frames=p, chunk_frames=cfg.chunk_frames,
-                  settings=dict(checkpoint=str(checkpoint), steps=steps, guidance=guidance, seed=seed))
-    return _with_fvd(report, gen[:, :, p:], gt[:, :, p:], cfg.chunk_frames, log) if fvd else report
 
 
 def _print_fvd(report):
@@ -309,6 +105,8 @@ def _print_fvd(report):
 
 def _eval(args):
     import json
+
+    from .eval import evaluate_continuations, evaluate_digits
 
     if args.data in ("video-folder", "frame-folder"):
         from .checkpoint import read_config
@@ -339,7 +137,7 @@ def _eval(args):
 
 
 def _bench_step_cache(args):
-    from .bench import format_step_cache_table, plot_step_cache, step_cache_report
+    from .eval import format_step_cache_table, plot_step_cache, step_cache_report
     from .stepcache import StepCacheConfig
 
     policies = args.policies.split(",") if args.policies else None
@@ -358,8 +156,9 @@ def _bench_step_cache(args):
 
 def _encode(args):
     from .autoencoder import encode_dataset, load_autoencoder
-    from .model import ModelConfig
-    from .train import build_dataset, clip_frames, load_run_config
+    from .config import ModelConfig
+    from .data import build_dataset
+    from .training import clip_frames, load_run_config
 
     cfg = load_run_config(args.config, args.set)
     data = dict(cfg.get("data", {}))
@@ -383,7 +182,7 @@ def _export(args):
 
 
 def _train(args):
-    from .train import load_run_config, train_from_config
+    from .training import load_run_config, train_from_config
 
     cfg = load_run_config(args.config, args.set)
     if args.out_dir:
@@ -484,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Copy a training checkpoint's EMA weights, cast to --dtype, with its config and "
                                    "metadata; optimizer state and raw weights are left behind.")
     x.add_argument("checkpoint", help="checkpoint directory, e.g. runs/digits/checkpoint")
-    x.add_argument("out", help="output directory, e.g. models/digits")
+    x.add_argument("out", help="output directory, e.g. ca2vdm/assets/digits")
     x.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     x.add_argument("--guidance", type=float, help="record this guidance scale as the checkpoint's recommended one")
     x.set_defaults(func=_export)

@@ -23,8 +23,11 @@ computed; all state resets at every chunk (``begin_chunk``); the clean cache-wri
 consults this module; every sample of the batch — and, with guidance, its conditional and
 unconditional rows — keeps its own state, so a video's output does not depend on its batch-mates.
 
-This module holds the policies and the per-sample state; ``CausalVideoDiT`` runs the blocks.
-Decisions are made on the host, so each computed step costs one small device-to-host copy.
+This module holds the policies, the per-sample state and the step-cached denoising forward
+(``StepCache.forward``), composed from the model's public pieces (``embed``, ``blocks``, ``head``);
+the model itself knows nothing of step caching. A ``StepCache`` belongs to one stream
+(``stream.StreamSession``), so streams over one model never share it. Decisions are made on the
+host, so each computed step costs one small device-to-host copy.
 """
 
 import math
@@ -155,15 +158,18 @@ class _Sample:
 
 
 class StepCache:
-    """Per-generation state of a policy: what each batch row keeps and when it computes next.
+    """Per-stream state of a policy: what each batch row keeps and when it computes next.
 
-    The generation loop calls ``begin_chunk(steps, batch)`` before each chunk's denoising steps
-    and ``begin_step(i)`` before step i; the model asks ``rows_to_compute()`` (or, for
-    ``first-block``, ``rows_after_first_block``), runs its blocks for those rows and hands back
-    the residuals with ``keep``. Counters: ``computed`` / ``total`` row-steps over the run.
+    config: a ``StepCacheConfig`` or a spec string (``StepCacheConfig.parse``); depth: the model's.
+    The generation loop calls ``begin_chunk(steps, batch)`` before each chunk's denoising steps,
+    ``begin_step(i)`` before step i, and ``forward`` in place of the model's cached denoising
+    forward: it asks ``rows_to_compute()`` (or, for ``first-block``, ``rows_after_first_block``),
+    runs the blocks for those rows and keeps their residuals (``keep``). Counters: ``computed`` /
+    ``total`` row-steps over the stream, ``chunk_computed`` per chunk.
     """
 
-    def __init__(self, config: StepCacheConfig, depth: int):
+    def __init__(self, config: "StepCacheConfig | str", depth: int):
+        config = StepCacheConfig.parse(config)
         self.config = config
         self.block = depth // 2 if config.block is None else config.block
         if not 0 <= self.block < depth:
@@ -181,6 +187,48 @@ class StepCache:
     @property
     def active(self) -> bool:
         return self.step >= 0
+
+    # -- the step-cached denoising forward ------------------------------------------------------
+    def forward(self, model, x, t, cache, cond):
+        """A denoising step of chunk x (B, C, q, H, W) at times t (B, q) against ``cache``, under
+        this policy: ``model.forward_cached(x, t, cache, cond)`` with the block stack skipped for
+        the rows that reuse their kept residual. Outside a chunk's steps it is the plain forward."""
+        if not self.active:
+            return model.forward_cached(x, t, cache, cond)
+        cond = model.check_input(x, t, cond)
+        ctx = model.cached_context(cache, x)
+        h, c = model.embed(x, t, cond)
+        h = self.run_blocks(model.blocks, h, c, cond, ctx)
+        return model.head(h, c, x, t)
+
+    def run_blocks(self, blocks, h, c, cond, ctx):
+        """The block stack of a denoising step. h (B, F, S, D) embeddings -> (B, F, S, D).
+
+        Rows the policy marks as due run the (skippable part of the) stack and their residual is
+        kept; the other rows add the residual kept on their last computed step.
+        """
+        B = h.shape[0]
+        self.count_step(B)
+        if self.start:  # first-block: block 0 always runs, its residual decides
+            h0, h = h, blocks[0](h, c, cond, ctx, 0)
+            rows = self.rows_after_first_block(h - h0)
+        else:
+            rows = self.rows_to_compute()
+        if not rows:
+            return h + self.residual.to(h.dtype)
+        part = len(rows) < B
+        hr, cr = (h[rows], c[rows]) if part else (h, c)
+        ctx_r, cond_r = (ctx.rows(rows), cond.rows(rows)) if part else (ctx, cond)
+        ctx_r.tap = -1 if self.tap_block is None else self.tap_block
+        out = hr
+        for i in range(self.start, len(blocks)):
+            out = blocks[i](out, cr, cond_r, ctx_r, i)
+        self.keep(rows, out - hr, ctx_r.tapped)
+        if not part:
+            return out
+        h = h + self.residual.to(h.dtype)
+        h[rows] = out
+        return h
 
     @property
     def tap_block(self) -> int | None:

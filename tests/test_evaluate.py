@@ -11,9 +11,9 @@ pytest.importorskip("sklearn")
 pytest.importorskip("scipy")
 
 from ca2vdm.data import MovingDigits  # noqa: E402
-from ca2vdm.evaluate import (DEFAULT_CLASSIFIER_DIR, DigitClassifier, brightness_drift, digit_accuracy,  # noqa: E402
-                             digit_report, frame_accuracy, load_classifier, multi_hot, save_classifier,
-                             track_speeds)
+from ca2vdm.metrics.digit_classifier import (DEFAULT_CLASSIFIER_DIR, DigitClassifier, frame_accuracy,  # noqa: E402
+                                             load_classifier, multi_hot, save_classifier)
+from ca2vdm.metrics.digits import brightness_drift, digit_accuracy, digit_report, track_speeds  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -137,7 +137,7 @@ def test_digit_report_gt_vs_itself(classifier, gt):
 
 
 def test_psnr_and_ssim_by_hand():
-    from ca2vdm.evaluate import fidelity, psnr, ssim
+    from ca2vdm.metrics import fidelity, psnr, ssim
 
     a = torch.zeros(1, 3, 2, 16, 16)
     b = a.clone()

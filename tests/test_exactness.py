@@ -147,7 +147,7 @@ def test_all_chunks_layout_equals_per_chunk_forward(positions, prefix_frames):
     noisy = torch.randn(2, 3, n - p, 8, 8, dtype=torch.float64)
     t_noisy = torch.rand(2, n - p, dtype=torch.float64) * 1000
     cond = model.condition(2, random_text(2, 5, 16))
-    out = model.forward_teacher_forcing(clean, noisy, t_noisy, cond)
+    out = model.forward_all_chunks(clean, noisy, t_noisy, cond)
     for first, end in model.layout.chunks(p, n):
         x = torch.cat([clean[:, :, :first], noisy[:, :, first - p:end - p]], 2)
         t = torch.cat([torch.zeros(2, first, dtype=torch.float64), t_noisy[:, first - p:end - p]], 1)

@@ -15,9 +15,9 @@ import torch.nn as nn
 
 pytest.importorskip("scipy")
 
-from ca2vdm import i3d  # noqa: E402
+from ca2vdm.metrics import i3d  # noqa: E402
 from ca2vdm.data import MovingDigits  # noqa: E402
-from ca2vdm.evaluate import fvd, fvd_per_chunk, frechet_distance, i3d_features  # noqa: E402
+from ca2vdm.metrics import fvd, fvd_per_chunk, frechet_distance, i3d_features  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -229,7 +229,7 @@ def test_fvd_per_chunk_compares_the_same_frames():
 
 
 def test_fvd_report_overall_pools_every_window():
-    from ca2vdm.evaluate import fvd_report
+    from ca2vdm.metrics import fvd_report
 
     stub, ref = StubI3D(), _videos(4, 32, 5)
     gen = _videos(4, 32, 6)

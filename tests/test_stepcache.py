@@ -7,9 +7,9 @@ import torch
 
 from ca2vdm import stepcache
 from ca2vdm.generate import GenerationStats, generate_video
-from ca2vdm.model import modulate
-from ca2vdm.stepcache import (CODEBOOK_LONG, CODEBOOK_SHORT, StepCacheConfig, motion_score, relative_l1,
-                              stride_from_codebook)
+from ca2vdm.layers import modulate
+from ca2vdm.stepcache import (CODEBOOK_LONG, CODEBOOK_SHORT, StepCache, StepCacheConfig, motion_score,
+                              relative_l1, stride_from_codebook)
 
 from conftest import random_text, tiny_model
 
@@ -86,13 +86,11 @@ def test_never_reusing_is_bitwise_uncached(spec):
     model = _text_model()
     kw = _kw(model)
     plain = generate_video(model, 9, **kw)
-    model.enable_step_cache(spec)
     stats = GenerationStats()
-    cached = generate_video(model, 9, stats=stats, **kw)
+    cached = generate_video(model, 9, stats=stats, step_cache=spec, **kw)
     assert torch.equal(plain, cached)
     assert stats.steps_computed == stats.steps_total == 4 * 6 * 4  # 4 chunks x 6 steps x 4 rows
-    model.disable_step_cache()
-    assert torch.equal(generate_video(model, 9, **kw), plain)
+    assert torch.equal(generate_video(model, 9, **kw), plain)  # nothing of the policy stayed on the model
 
 
 def test_reused_step_adds_the_kept_residual():
@@ -100,9 +98,7 @@ def test_reused_step_adds_the_kept_residual():
     computed. Rebuilt by hand from the model's pieces for the first generated chunk."""
     model = tiny_model(prefix_frames=1)
     kw = dict(steps=3, seed=[7], first_frames=torch.randn(1, 3, 1, 8, 8, dtype=torch.float64))
-    model.enable_step_cache("fixed:1")
-    video = generate_video(model, 3, **kw)
-    model.disable_step_cache()
+    video = generate_video(model, 3, step_cache="fixed:1", **kw)
 
     def final(h, c):
         shift, scale = model.final_adaLN(c)[:, :, None].chunk(2, dim=-1)
@@ -120,11 +116,11 @@ def test_reused_step_adds_the_kept_residual():
         for i, tv in enumerate(sampler.timesteps):
             t = torch.full((1, 2), tv, dtype=torch.float64)
             if i == 1:
-                h, c = model._embed(x, t, cond)
+                h, c = model.embed(x, t, cond)
                 pred = final(h + residual, c)
             else:
                 pred, hidden = model.forward_cached(x, t, cache, cond, return_hidden=True)
-                residual = hidden[-1] - model._embed(x, t, cond)[0]
+                residual = hidden[-1] - model.embed(x, t, cond)[0]
             x = sampler.step(x, pred, i)
     assert (video[:, :, 1:3] - x).abs().max().item() < 1e-12
     # ... and reusing really changed the result
@@ -135,15 +131,15 @@ def test_skipped_blocks_and_full_write_passes():
     model = _text_model()
     kw = _kw(model, steps=6)
     counts, handles = _block_calls(model)
-    sc = model.enable_step_cache("fixed:2")  # computed steps per chunk: 0, 3, 5 (last)
-    generate_video(model, 9, **kw)  # 1 given frame + 4 chunks of 2; 3 write passes after the first
+    sc = StepCache("fixed:2", model.config.depth)  # computed steps per chunk: 0, 3, 5 (last)
+    generate_video(model, 9, step_cache=sc, **kw)  # 1 given frame + 4 chunks of 2; 3 write passes after the first
     assert counts["denoise"] == [4 * 3, 4 * 3]
     assert counts["write"] == [4, 4]  # never skipped: every block of every write pass
     assert sc.chunk_computed == [3 * 4] * 4  # the same pattern in every chunk: state resets
     for c in counts.values():
         c[:] = [0, 0]
-    model.enable_step_cache("first-block:inf")  # block 0 always; the rest only on first/last steps
-    generate_video(model, 9, **kw)
+    # block 0 always; the rest only on first/last steps
+    generate_video(model, 9, step_cache="first-block:inf", **kw)
     assert counts["denoise"] == [4 * 6, 4 * 2]
     assert counts["write"] == [4, 4]
     for h in handles:
@@ -158,23 +154,22 @@ def test_each_row_keeps_its_own_state(monkeypatch):
     seen = []
     real = stepcache.relative_l1
     monkeypatch.setattr(stepcache, "relative_l1", lambda new, old: seen.append(real(new, old)) or seen[-1])
-    model.enable_step_cache("first-block:inf")
-    generate_video(model, 7, **kw)
+    generate_video(model, 7, step_cache="first-block:inf", **kw)
     threshold = sorted(seen[0])[len(seen[0]) // 2]  # splits the rows at the second step
     parts = []
-    monkeypatch.setattr(model, "_blocks_step_cached", _spy(model._blocks_step_cached, parts))
-    sc = model.enable_step_cache(StepCacheConfig(policy="first-block", threshold=threshold))
-    batched = generate_video(model, 7, **kw)
+    sc = StepCache(StepCacheConfig(policy="first-block", threshold=threshold), model.config.depth)
+    monkeypatch.setattr(sc, "run_blocks", _spy(sc.run_blocks, sc, parts))
+    batched = generate_video(model, 7, step_cache=sc, **kw)
     assert any(0 < n < 4 for n in parts) and sc.computed < sc.total
     for b in range(2):
-        model.enable_step_cache(StepCacheConfig(policy="first-block", threshold=threshold))
-        alone = generate_video(model, 7, **_pick(kw, b))
+        policy = StepCacheConfig(policy="first-block", threshold=threshold)
+        alone = generate_video(model, 7, step_cache=policy, **_pick(kw, b))
         assert (batched[b:b + 1] - alone).abs().max().item() < 1e-10
 
 
-def _spy(fn, parts):
-    def wrapped(h, c, cond, ctx, sc):
-        out = fn(h, c, cond, ctx, sc)
+def _spy(fn, sc, parts):
+    def wrapped(blocks, h, c, cond, ctx):
+        out = fn(blocks, h, c, cond, ctx)
         parts.append(sc.samples and sum(1 for s in sc.samples if s.last_step == sc.step))
         return out
     return wrapped
@@ -187,9 +182,9 @@ def test_adacache_schedules_per_chunk(spec):
     kw = _kw(model, steps=8)
     cfg = StepCacheConfig.parse(spec)
     cfg.codebook = {1e9: 3}  # every metric maps to stride 3: computed steps 0, 1, 4, 7
-    sc = model.enable_step_cache(cfg)
+    sc = StepCache(cfg, model.config.depth)
     stats = GenerationStats()
-    generate_video(model, 9, stats=stats, **kw)
+    generate_video(model, 9, stats=stats, step_cache=sc, **kw)
     assert sc.chunk_computed == [4 * 4] * 4
     assert stats.steps_computed == 4 * 4 * 4 and stats.steps_total == 4 * 8 * 4
     assert math.isclose(sc.fraction_computed, 0.5)
@@ -197,6 +192,5 @@ def test_adacache_schedules_per_chunk(spec):
 
 def test_step_cache_only_in_shared_mode():
     model = _text_model()
-    model.enable_step_cache("adacache")
     with pytest.raises(ValueError, match="shared"):
-        generate_video(model, 5, mode="recompute-full", **_kw(model, steps=2))
+        generate_video(model, 5, mode="recompute-full", step_cache="adacache", **_kw(model, steps=2))

@@ -1,0 +1,14 @@
+"""Evaluations: generate from a checkpoint, then measure with ``ca2vdm.metrics``.
+
+* ``digits``       — moving-digits figures (digit accuracy per chunk, tracked speed, brightness drift, FVD)
+  on the captions of held-out clips
+* ``continuation`` — continue real videos from their first frames: PSNR / SSIM per chunk, FVD
+* ``step_cache``   — quality against speed of every step-caching policy, and of fewer sampling steps
+"""
+
+from .continuation import evaluate_continuations
+from .digits import evaluate_digits, held_out_clips
+from .step_cache import STEP_CACHE_POLICIES, format_step_cache_table, plot_step_cache, step_cache_report
+
+__all__ = ["evaluate_continuations", "evaluate_digits", "held_out_clips", "STEP_CACHE_POLICIES",
+           "format_step_cache_table", "plot_step_cache", "step_cache_report"]

@@ -1,0 +1,53 @@
+"""The moving-digits evaluation: prompt a checkpoint with the captions of held-out clips and measure
+its videos against those clips (``metrics.digits.digit_report``, and FVD)."""
+
+import time
+
+import torch
+
+from ..checkpoint import guidance_for, load_checkpoint, read_config
+from ..conditioning import Text
+from ..data import MovingDigits
+from ..generate import generate_video
+from ..metrics.digit_classifier import load_classifier
+from ..metrics.digits import digit_report
+from ..metrics.fvd import add_fvd
+
+
+def held_out_clips(checkpoint, model, videos: int, frames: int, seed: int) -> list[dict]:
+    """``videos`` held-out (split ``val``) moving-digits clips of ``frames`` frames, drawn with the
+    settings the checkpoint was trained on (digits per clip, frame size); their captions are the
+    prompts of every moving-digits figure."""
+    data = dict(read_config(checkpoint).get("data", {}))
+    if data.get("dataset", "moving-digits") != "moving-digits" or model.config.conditioning != "text":
+        raise ValueError("the moving-digits figures need a text-conditioned model trained on moving-digits")
+    kw = {k: data[k] for k in ("min_digits", "max_digits", "speed_range", "digit_size") if k in data}
+    clips = MovingDigits(videos, frames, size=model.config.frame_size[0], split="val", seed=seed, **kw)
+    return [clips[i] for i in range(videos)]
+
+
+def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=None, seed=1000, batch=8,
+                    device="cpu", log=print, fvd=True) -> dict:
+    """Generate ``videos`` videos from the captions of held-out moving-digits clips and measure them
+    against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``),
+    and FVD (``fvd_report``) unless ``fvd=False``."""
+    from ..text import get_text_encoder
+
+    guidance = guidance_for(checkpoint, guidance)
+    model = load_checkpoint(checkpoint, device=device)
+    items = held_out_clips(checkpoint, model, videos, frames, seed)
+    enc = get_text_encoder("cpu")
+    out, t0 = [], time.perf_counter()
+    for b in range(0, videos, batch):
+        part = items[b:b + batch]
+        prompt = Text(*enc.encode([it["caption"] for it in part]))
+        out.append(generate_video(model, frames, prompt=prompt, steps=steps, guidance=guidance,
+                                  seed=[seed + b + i for i in range(len(part))]).float().cpu())
+        log(f"  generated {b + len(part)}/{videos} videos of {frames} frames ({time.perf_counter() - t0:.0f} s)")
+    gen = torch.cat(out).clamp(-1, 1)
+    gt_videos = torch.stack([it["video"] for it in items])
+    report = digit_report(load_classifier(), gen, [it["digits"] for it in items], gt_videos,
+                          chunk_frames=model.config.chunk_frames)
+    report["settings"] = dict(checkpoint=str(checkpoint), videos=videos, frames=frames, steps=steps,
+                              guidance=guidance, seed=seed)
+    return add_fvd(report, gen, gt_videos, model.config.chunk_frames, log) if fvd else report

@@ -1,0 +1,246 @@
+"""The layers of the causal video DiT: the attention helper, its sub-layers and one Block.
+
+Each block, on tokens (B, F, S, D) with a per-frame adaLN input c (B, F, D)::
+
+    x += g1 * SpatialAttn(mod(norm1(x)))          within each frame (S tokens)
+    x += PrefixAttn(norm_p(x), last R clean frames) optional "prefix enhancement"
+    x += g_t * TemporalAttn(mod(norm_t(x)) + TPE)  across frames at each token, causal by chunk
+    x += CrossAttn(norm_c(x), text)                optional text conditioning
+    x += g2 * MLP(mod(norm2(x)))
+
+``FrameContext`` tells a block what it needs about the frames it processes: positions, the
+temporal mask of a full-sequence forward, or the KV cache of a cached forward.
+"""
+
+import functools
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cache import KVCache
+from .config import ModelConfig
+from .positions import RoPE
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_lower_right(lq: int, lk: int, device: torch.device) -> torch.Tensor:
+    """(lq, lk) bool: query i sees keys up to lk - lq + i (queries are the last lq keys)."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+
+
+def _cpu_autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4 signature
+        return torch.is_autocast_cpu_enabled()
+
+
+def attend(q, k, v, mask=None):
+    """Scaled dot-product attention over (N, H, L, d) tensors.
+
+    ``mask`` is None, a boolean tensor broadcastable to (N, H, Lq, Lk), or ``"causal"`` for
+    causal attention aligned bottom-right (queries are the last Lq of the Lk keys, as with a
+    cache; SDPA's ``is_causal`` would align top-left). On CUDA the causal case uses
+    ``causal_lower_right`` so fused kernels apply; on CPU a cached boolean mask. Under CPU bf16
+    autocast the attention itself runs in float32 (bf16 SDPA is slow and loose on CPU).
+    """
+    if isinstance(mask, str):
+        lq, lk = q.shape[-2], k.shape[-2]
+        if q.is_cuda:
+            from torch.nn.attention.bias import causal_lower_right
+            mask = causal_lower_right(lq, lk)
+        else:
+            mask = _causal_lower_right(lq, lk, q.device)
+    if q.device.type == "cpu" and _cpu_autocast_on():
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@dataclass
+class FrameContext:
+    """What a forward needs to know about the frames it processes.
+
+    tpe: (F, D) cyclic rows or None. rope: (cos, sin) per frame or None. mask: (F, F) temporal
+    attention set for a full-sequence forward. cache and write: the KV cache of a cached forward
+    and whether this is the clean write pass.
+    prefix_groups: full-sequence prefix enhancement, (query span, key span) in local indices.
+    tap: a block whose gated temporal-attention residual is kept in ``tapped`` (step caching).
+    """
+
+    tpe: torch.Tensor | None = None
+    rope: tuple | None = None
+    mask: torch.Tensor | None = None
+    cache: KVCache | None = None
+    write: bool = False
+    prefix_groups: list = field(default_factory=list)
+    tap: int = -1
+    tapped: torch.Tensor | None = None
+
+    def rows(self, rows: list[int]) -> "FrameContext":
+        """The context of a cached forward over some batch rows (positions are per frame)."""
+        return replace(self, cache=self.cache.rows(rows), tapped=None)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class SpatialAttention(nn.Module):
+    """Self-attention among the S tokens of each frame."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, F, S, D)
+        B, Fr, S, D = x.shape
+        q, k, v = self.qkv(x).view(B * Fr, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        out = attend(q, k, v)  # (B*F, H, S, d)
+        return self.proj(out.transpose(1, 2).reshape(B, Fr, S, D))
+
+
+class TemporalAttention(nn.Module):
+    """Attention across frames at each spatial token, restricted to the chunked attention set."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, h, ctx: FrameContext, block: int):  # h (B, F, S, D)
+        B, Fr, S, D = h.shape
+        H = self.heads
+        q, k, v = self.qkv(h).view(B, Fr, S, 3, H, D // H).permute(3, 0, 2, 4, 1, 5)  # each (B, S, H, F, d)
+        if ctx.rope is not None:  # keys are rotated at their absolute frame index before caching
+            q, k = RoPE.rotate(q, *ctx.rope), RoPE.rotate(k, *ctx.rope)
+        if ctx.cache is None:
+            out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), ctx.mask)
+        else:
+            k, v = ctx.cache.stage(block, k, v)  # (B, S, H, n + F, d): window then this chunk
+            k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has its own dtype
+            out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), "causal")
+            if ctx.write:
+                ctx.cache.commit(block, Fr)
+        out = out.view(B, S, H, Fr, D // H).permute(0, 3, 1, 2, 4).reshape(B, Fr, S, D)
+        return self.proj(out)
+
+
+class PrefixAttention(nn.Module):
+    """Prefix enhancement: every frame of chunk k attends to the tokens of the last R clean frames
+    before chunk k (fewer when fewer exist). Zero-initialised output, so it starts as a no-op."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def keys(self, x):  # (B, F, S, D) -> k, v each (B, H, F, S, d)
+        B, Fr, S, D = x.shape
+        return self.kv(x).view(B, Fr, S, 2, self.heads, D // self.heads).permute(3, 0, 4, 1, 2, 5)
+
+    def attend_to(self, x, k, v):  # x (B, F, S, D); k, v (B, H, m*S, d) -> (B, F, S, D)
+        B, Fr, S, D = x.shape
+        q = self.q(x).view(B, Fr * S, self.heads, D // self.heads).transpose(1, 2)
+        out = attend(q, k, v)  # (B, H, F*S, d)
+        return self.proj(out.transpose(1, 2).reshape(B, Fr, S, D))
+
+    def forward(self, x, ctx: FrameContext, block: int):
+        if ctx.cache is None:
+            k, v = self.keys(x)
+            out = torch.zeros_like(x)
+            for (q0, q1), (k0, k1) in ctx.prefix_groups:
+                kk, vv = k[:, :, k0:k1].flatten(2, 3), v[:, :, k0:k1].flatten(2, 3)
+                out[:, q0:q1] = self.attend_to(x[:, q0:q1], kk, vv)
+            return out
+        cached = ctx.cache.prefix(block)
+        out = self.attend_to(x, *(c.to(x.dtype) for c in cached)) if cached is not None else torch.zeros_like(x)
+        if ctx.write:  # after reading: this chunk's frames become the prefix of the next ones
+            ctx.cache.write_prefix(block, *self.keys(x))
+        return out
+
+
+class CrossAttention(nn.Module):
+    """Attention from every token to the text tokens. Text K/V come precomputed (once per prompt)."""
+
+    def __init__(self, dim, text_dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(text_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def text_kv(self, states):  # (B, N, Dt) -> k, v each (B, H, N, d)
+        B, N, _ = states.shape
+        D = self.proj.in_features
+        return self.kv(states).view(B, N, 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x, kv, mask):  # x (B, F, S, D); mask (B, 1, 1, N)
+        B, Fr, S, D = x.shape
+        q = self.q(x).view(B, Fr * S, self.heads, D // self.heads).transpose(1, 2)
+        out = attend(q, kv[0], kv[1], mask)
+        return self.proj(out.transpose(1, 2).reshape(B, Fr, S, D))
+
+
+class Block(nn.Module):
+    """One STDiT-style block (see the module docstring for the order of sub-layers)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.hidden
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.spatial = SpatialAttention(D, cfg.heads)
+        self.norm_p = nn.LayerNorm(D, eps=1e-6) if cfg.prefix_enhance else None
+        self.prefix = PrefixAttention(D, cfg.heads) if cfg.prefix_enhance else None
+        self.norm_t = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.temporal = TemporalAttention(D, cfg.heads)
+        self.norm_c = nn.LayerNorm(D, eps=1e-6) if cfg.conditioning == "text" else None
+        self.cross = CrossAttention(D, cfg.text_dim, cfg.heads) if cfg.conditioning == "text" else None
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        hidden = int(D * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 9 * D))
+
+    def forward(self, x, c, cond, ctx: FrameContext, index: int):
+        # x (B, F, S, D); c (B, F, D) per-frame time (+ label / pooled text) embedding
+        s1, sc1, g1, st, sct, gt, s2, sc2, g2 = self.adaLN(c)[:, :, None].chunk(9, dim=-1)  # (B, F, 1, D)
+        x = x + g1 * self.spatial(modulate(self.norm1(x), s1, sc1))
+        if self.prefix is not None:
+            x = x + self.prefix(self.norm_p(x), ctx, index)
+        h = modulate(self.norm_t(x), st, sct)
+        if ctx.tpe is not None:
+            h = h + ctx.tpe[:, None, :]  # (F, 1, D)
+        r = gt * self.temporal(h, ctx, index)
+        if ctx.tap == index:
+            ctx.tapped = r
+        x = x + r
+        if self.cross is not None:
+            x = x + self.cross(self.norm_c(x), cond.kv[index], cond.mask)
+        x = x + g2 * self.mlp(modulate(self.norm2(x), s2, sc2))
+        return x
+
+
+class TimestepEmbedder(nn.Module):
+    """Per-frame diffusion time (B, F) -> (B, F, D): sinusoidal features, then an MLP (as DiT)."""
+
+    def __init__(self, dim, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t):
+        dtype = self.mlp[0].weight.dtype
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=t.device) / half)
+        args = t.to(torch.float64)[..., None] * freqs
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype)
+        return self.mlp(emb)

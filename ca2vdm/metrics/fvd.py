@@ -1,0 +1,154 @@
+"""Frechet Video Distance (FVD, Unterthiner et al. 2018) with the Kinetics-400 I3D (``metrics.i3d``).
+
+Every consecutive 16-frame clip of a video is one sample; frames are resized to 224 x 224 before
+the network. ``fvd`` compares two sets of videos; ``fvd_report`` also gives FVD per 16-frame
+window over time (the Ca2-VDM paper's long-video table); ``add_fvd`` adds that report to an
+evaluation's when the videos are long enough.
+"""
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import finite
+
+
+FVD_CLIP_FRAMES = 16
+I3D_SIZE = 224
+
+
+@torch.no_grad()
+def i3d_features(model, videos: torch.Tensor, batch: int = 8, clip_frames: int = FVD_CLIP_FRAMES) -> np.ndarray:
+    """I3D logits of every clip: videos (N, 3, F, H, W) in [-1, 1] -> (N * (F // clip_frames), 400) float64.
+
+    Each video is cut into consecutive ``clip_frames``-frame clips (frames [0, 16), [16, 32), ...);
+    trailing frames that do not fill a clip are dropped, and F < ``clip_frames`` is an error. Rows
+    are video-major: video 0's clips in order, then video 1's. Frames are clamped to [-1, 1] and
+    resized to 224 x 224 (bilinear, half-pixel centres, no antialiasing) before the network.
+    """
+    videos = torch.as_tensor(videos)
+    N, C, Fr, H, W = videos.shape
+    if C != 3:
+        raise ValueError(f"I3D needs RGB videos (N, 3, F, H, W), got {tuple(videos.shape)}")
+    if Fr < clip_frames:
+        raise ValueError(f"videos have {Fr} frames, fewer than one {clip_frames}-frame clip")
+    model.eval()
+    device = next(model.parameters()).device
+    starts = [(n, t) for n in range(N) for t in range(0, Fr - clip_frames + 1, clip_frames)]
+    out = []
+    for s in range(0, len(starts), batch):
+        clips = torch.stack([videos[n, :, t:t + clip_frames] for n, t in starts[s:s + batch]])  # (b, 3, T, H, W)
+        clips = clips.to(device, torch.float32).clamp(-1, 1)
+        if (H, W) != (I3D_SIZE, I3D_SIZE):
+            b = clips.shape[0]
+            frames = clips.transpose(1, 2).reshape(b * clip_frames, C, H, W)                # (b*T, 3, H, W)
+            frames = F.interpolate(frames, size=(I3D_SIZE, I3D_SIZE), mode="bilinear", align_corners=False)
+            clips = frames.reshape(b, clip_frames, C, I3D_SIZE, I3D_SIZE).transpose(1, 2)   # (b, 3, T, 224, 224)
+        out.append(model(clips).double().cpu())                                             # (b, 400)
+    return torch.cat(out).numpy()
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D), N, M >= 2:
+
+        |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))
+
+    Means, covariances (unbiased) and the matrix square root (``scipy.linalg.sqrtm``) in float64.
+    The product of two covariances is similar to a PSD matrix, so its square root is real up to
+    rounding: the imaginary part is dropped. If the root is not finite (a singular product), it is
+    taken again with 1e-6 added to both diagonals. With fewer samples than dimensions (400 for I3D)
+    the covariances are singular and the root is accurate to ~1e-7 .. 1e-6 of tr(S) only, so a set
+    against itself gives about that much (of either sign) instead of 0.
+    """
+    from scipy import linalg
+
+    a, b = (f.detach().double().cpu().numpy() if torch.is_tensor(f) else np.asarray(f, np.float64)
+            for f in (feats_a, feats_b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"need feature matrices (N, D) and (M, D), got {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)                         # (D, D)
+    root = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(root).all():
+        eps = 1e-6 * np.eye(a.shape[1])
+        root = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root).real)
+
+
+def _default_i3d(model, device):
+    from .i3d import load_i3d
+
+    if model is not None:
+        return model
+    return load_i3d(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def fvd(videos_a: torch.Tensor, videos_b: torch.Tensor, model=None, batch: int = 8,
+        clip_frames: int = FVD_CLIP_FRAMES, device=None) -> dict:
+    """FVD between two sets of videos (N, 3, F, H, W) and (M, 3, F', H', W') in [-1, 1].
+
+    Every consecutive 16-frame clip of every video is one sample (``i3d_features``); returns
+    {"fvd": float, "clips_a": number of clips of set a, "clips_b": ... of set b}. FVD depends on
+    the number of clips (it is biased upwards for small sets), so report them with it. ``model``:
+    a loaded I3D (``ca2vdm.metrics.i3d.load_i3d``); by default one is loaded on ``device`` (CUDA if any).
+    """
+    model = _default_i3d(model, device)
+    fa = i3d_features(model, videos_a, batch, clip_frames)
+    fb = i3d_features(model, videos_b, batch, clip_frames)
+    return {"fvd": finite(frechet_distance(fa, fb)), "clips_a": len(fa), "clips_b": len(fb)}
+
+
+def fvd_report(generated: torch.Tensor, reference: torch.Tensor, chunk_frames: int,
+               clip_frames: int = FVD_CLIP_FRAMES, model=None, batch: int = 8, device=None) -> dict:
+    """FVD overall and over time, from one pass of I3D over both sets.
+
+    generated (N, 3, F, H, W) and reference (M, 3, F', H', W') in [-1, 1], cut to their first
+    min(F, F') frames and into 16-frame windows (a partial last window is dropped). Overall: every
+    window of every video is a sample {"fvd", "clips_a", "clips_b"}. ``per_window``, as in the
+    Ca2-VDM paper's SkyTimelapse table: window i covers frames [16 i, 16 i + 16), its N generated
+    clips against the M reference clips of the same frames, with the generation chunks of
+    ``chunk_frames`` frames it overlaps.
+    """
+    if chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
+    model = _default_i3d(model, device)
+    frames = min(generated.shape[2], reference.shape[2])
+    windows = frames // clip_frames
+    if windows == 0:
+        raise ValueError(f"videos have {frames} frames, fewer than one {clip_frames}-frame window")
+    used = windows * clip_frames
+    fg = i3d_features(model, generated[:, :, :used], batch, clip_frames).reshape(len(generated), windows, -1)
+    fr = i3d_features(model, reference[:, :, :used], batch, clip_frames).reshape(len(reference), windows, -1)
+    rows = []
+    for i in range(windows):
+        start, end = i * clip_frames, (i + 1) * clip_frames
+        rows.append({"frames": [start, end], "chunks": [start // chunk_frames, (end - 1) // chunk_frames],
+                     "fvd": finite(frechet_distance(fg[:, i], fr[:, i])), "clips_a": fg.shape[0], "clips_b": fr.shape[0]})
+    overall = frechet_distance(fg.reshape(-1, fg.shape[-1]), fr.reshape(-1, fr.shape[-1]))
+    return {"fvd": finite(overall), "clips_a": fg.shape[0] * windows, "clips_b": fr.shape[0] * windows,
+            "per_window": rows}
+
+
+def fvd_per_chunk(generated: torch.Tensor, reference: torch.Tensor, chunk_frames: int,
+                  clip_frames: int = FVD_CLIP_FRAMES, model=None, batch: int = 8, device=None) -> list[dict]:
+    """The per-window rows of ``fvd_report``: {"frames": [start, end), "chunks": [first, last],
+    "fvd", "clips_a" (generated), "clips_b"} per 16-frame window."""
+    return fvd_report(generated, reference, chunk_frames, clip_frames, model, batch, device)["per_window"]
+
+
+def add_fvd(report: dict, generated: torch.Tensor, reference: torch.Tensor, chunk_frames: int, log=print) -> dict:
+    """``report["fvd"] = fvd_report(...)`` when both sets have at least one 16-frame clip (else
+    the report is returned as it is, and the skip is logged)."""
+    if min(generated.shape[2], reference.shape[2]) < FVD_CLIP_FRAMES:
+        log(f"  FVD skipped: fewer than {FVD_CLIP_FRAMES} frames")
+        return report
+    t0 = time.perf_counter()
+    report["fvd"] = fvd_report(generated, reference, chunk_frames)
+    log(f"  FVD {report['fvd']['fvd']:.1f} ({report['fvd']['clips_a']} generated vs {report['fvd']['clips_b']} real "
+        f"16-frame clips; I3D took {time.perf_counter() - t0:.0f} s)")
+    return report
