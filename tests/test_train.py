@@ -948,3 +948,27 @@ def test_context_noise_reads_its_old_name():
     assert "prefix_noise" in shipped and TrainConfig.from_dict(shipped).context_noise == shipped["prefix_noise"]
     with pytest.raises(ValueError, match="old name of 'context_noise'"):
         TrainConfig.from_dict({"prefix_noise": 0.1, "context_noise": 0.1})
+
+
+@pytest.mark.parametrize("layout", ["prefix", "all-chunks"])
+def test_every_cyclic_row_is_trained_when_the_table_is_longer_than_a_clip(layout):
+    """With cyclic_length L > P_max + l a clip never fills the table, yet inference frame n uses row
+    n mod L, so a sliding window meets every rotation: training must shift the rows at random
+    whenever the window is full, not only when the clip fills the table."""
+    from ca2vdm.training import Draws, all_chunks_loss
+
+    model = tiny_model(dtype=torch.float32, conditioning="none", cyclic_length=11)  # P_max + l = 7
+    cfg = model.config
+    rows = set()
+    real = model.tpe.forward
+    model.tpe.forward = lambda frames, shift=0: (rows.update((n + shift) % cfg.cyclic_length for n in frames),
+                                                 real(frames, shift))[1]
+    video = torch.randn(2, 3, clip_frames(cfg), 8, 8)
+    for s in range(40):
+        draws = Draws(torch.Generator().manual_seed(s))
+        with torch.no_grad():
+            if layout == "prefix":
+                ca2vdm_loss(model, video, None, max(prefix_choices(cfg)), draws)
+            else:
+                all_chunks_loss(model, video, None, draws)
+    assert rows == set(range(cfg.cyclic_length))

@@ -8,8 +8,9 @@ One step of the recipe (``ca2vdm_loss``):
    optionally noise-augmented (``context_noise``) exactly as ``generate(context_noise=...)`` does.
 3. Noise the last l frames at one random level per clip, run the masked full-sequence forward (the
    same attention sets as cached inference), and take the loss on the noisy frames only.
-4. When prefix + l fills the cyclic table (the clip fills the window), shift the TPE rows at random
-   so every rotation inference meets is seen.
+4. When the prefix is a full window (P_max frames), shift the cyclic TPE rows at random, so every
+   rotation that inference meets once its window slides is seen (``random_tpe_shift``); shorter
+   prefixes only occur at the start of a video, where inference uses the rows unshifted.
 
 ``all_chunks_loss`` noises every chunk of a clip at its own level and denoises all of them in one
 ``forward_all_chunks`` pass against the clean ground-truth clip (teacher forcing). All randomness
@@ -91,6 +92,13 @@ class Draws:
         return int(torch.randint(0, n, (1,), generator=self.batch))
 
 
+def random_tpe_shift(cfg: ModelConfig, draws: Draws) -> int:
+    """A rotation of the cyclic TPE table drawn uniformly from all L = ``cyclic_length`` rows (0 for
+    RoPE). Inference frame n uses row n mod L, so a sliding window meets every rotation, also
+    when L is longer than the P_max + l frames a training clip holds."""
+    return draws.choice(cfg.cyclic_length) if cfg.positions == "cyclic" else 0
+
+
 def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int, gen: "torch.Generator | Draws",
                 context_noise: float = 0.0) -> torch.Tensor:
     """The recipe's loss for one batch. video (B, C, >= n_prefix + l, H, W), clean, in model units.
@@ -98,7 +106,7 @@ def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int,
     cfg, diff, draws = model.config, model.diffusion, Draws.of(gen)
     l = cfg.chunk_frames
     x0 = video[:, :, :n_prefix + l]
-    B, Fr, dev = x0.shape[0], x0.shape[2], x0.device
+    B, dev = x0.shape[0], x0.device
     noise = draws.randn(x0.shape).to(dev, x0.dtype)
     level = draws.levels(diff, B, 1).expand(B, l).to(dev)  # one level per clip
     noisy = diff.add_noise(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
@@ -109,9 +117,7 @@ def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int,
         prefix = diff.add_noise(prefix, aug, lv)
     xt = torch.cat([prefix, noisy], dim=2)
     t = torch.cat([torch.zeros(B, n_prefix, dtype=torch.float64, device=dev), diff.model_time(level)], dim=1)
-    shift = 0
-    if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
-        shift = draws.choice(cfg.cyclic_length)
+    shift = random_tpe_shift(cfg, draws) if n_prefix >= cfg.max_context_frames else 0
     pred = model(xt, t, cond, start=prefix_start(cfg, n_prefix), tpe_shift=shift)[:, :, n_prefix:]
     target = model.target(x0[:, :, n_prefix:], noise[:, :, n_prefix:], level)
     return F.mse_loss(pred.float(), target.float())
@@ -134,9 +140,7 @@ def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torc
     if context_noise:
         aug = draws.randn(x0.shape).to(dev, x0.dtype)
         clean = diff.add_noise(x0, aug, torch.full((B, Fr), context_noise, dtype=torch.float64, device=dev))
-    shift = 0
-    if cfg.positions == "cyclic" and Fr >= cfg.cyclic_length:
-        shift = draws.choice(cfg.cyclic_length)
+    shift = random_tpe_shift(cfg, draws)  # the clip's last chunk has a full window
     pred = model.forward_all_chunks(clean, noisy, diff.model_time(level), cond, tpe_shift=shift)
     target = model.target(x0[:, :, p:], noise, level)
     return F.mse_loss(pred.float(), target.float())
