@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", choices=["shared", "recompute-full", "recompute-window"], default="shared",
                    help="generation mode (default shared: the Ca2-VDM KV-cache queue)")
     g.add_argument("--out", default="outputs/video.mp4", help="output .mp4 or .gif (default outputs/video.mp4)")
-    g.add_argument("--save-latents", help="also save the latents (key 'latents', (B, C, F, H, W) float32) here")
+    g.add_argument("--save-latents", help="also save the latents (key 'latents', (B, C, F, H, W), in --dtype) here")
     g.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
     g.add_argument("--step-cache", metavar="POLICY",

@@ -100,7 +100,7 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
 
     prompts: a list of prompts (one video each, one batch) for a text model; label: an int for a
     class model. One file per video per output: ``name.mp4``, or ``name_0.mp4``, ``name_1.mp4``, ...
-    for a batch. save_latents: also write the raw output (key ``latents``, (B, C, F, H, W), float32)
+    for a batch. save_latents: also write the raw output (key ``latents``, (B, C, F, H, W), in ``dtype``)
     as safetensors. Returns {"paths", "seconds", "stats", "frames", "batch", "step_cache"}.
     """
     from .autoencoder import load_autoencoder
@@ -167,7 +167,7 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
                 for b, w in enumerate(group):
                     w.write(video[b])
             if save_latents:
-                latents.append(chunk.float().cpu())
+                latents.append(chunk.cpu())  # in the generation dtype
             if bar:
                 bar.update(chunk.shape[2])
                 bar.set_postfix(chunks=stats.chunks, fps=f"{bar.n / (time.perf_counter() - t0):.1f}")

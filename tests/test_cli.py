@@ -60,13 +60,15 @@ def test_generate_streams_to_file_and_saves_latents(text_checkpoint, tmp_path):
     assert out.stat().st_size > 0
     latents = load_file(str(lat))["latents"]
     assert latents.shape == (1, 3, 9, 8, 8) and latents.dtype == torch.float32
-    # the exact oracle gives the same latents end to end
+    # the exact oracle, in float64, gives the same latents end to end, and stores them in float64
     lat2 = tmp_path / "lat2.safetensors"
     r = ca2vdm("generate", "--checkpoint", text_checkpoint, "--frames", 9, "--prompt", "a 3 moving left",
                "--negative-prompt", "blurry", "--steps", 2, "--out", tmp_path / "v2.gif", "--save-latents", lat2,
-               "--cache", "recompute-full")
+               "--cache", "recompute-full", "--dtype", "float64")
     assert r.returncode == 0, r.stderr
-    assert (load_file(str(lat2))["latents"] - latents).abs().max() < 1e-4
+    latents64 = load_file(str(lat2))["latents"]
+    assert latents64.dtype == torch.float64
+    assert (latents64 - latents.double()).abs().max() < 1e-4
 
 
 def test_prompts_file_makes_one_video_per_line(text_checkpoint, tmp_path):
