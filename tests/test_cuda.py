@@ -40,3 +40,18 @@ def test_cuda_matches_cpu_float64():
     gpu = tiny_model(conditioning="class", num_classes=3).cuda()
     b = generate_video(gpu, 11, **{**kw, "first_frames": kw["first_frames"].cuda()}).cpu()
     assert (a - b).abs().max().item() <= 1e-9 * max(1.0, a.abs().max().item())
+
+
+def test_cuda_resume_keeps_adamw_steps_on_the_cpu(tmp_path):
+    """Resuming on CUDA: moments beside their parameters on the GPU, step counters on the CPU
+    (the optimizer's own load_state_dict decides; writing state by hand had put them on the GPU)."""
+    from test_train import make_trainer, model_config, train_config
+
+    first = make_trainer(model_config(), train_config(steps=4, autocast="off"), device="cuda")
+    first.train_step()
+    first.save(tmp_path / "ckpt")
+    resumed = make_trainer(model_config(), train_config(steps=4, autocast="off"), device="cuda")
+    resumed.resume(tmp_path / "ckpt")
+    for st in resumed.opt.state.values():
+        assert st["exp_avg"].is_cuda and st["step"].device.type == "cpu"
+    resumed.train_step()

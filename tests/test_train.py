@@ -972,3 +972,23 @@ def test_every_cyclic_row_is_trained_when_the_table_is_longer_than_a_clip(layout
             else:
                 all_chunks_loss(model, video, None, draws)
     assert rows == set(range(cfg.cyclic_length))
+
+
+def test_resume_restores_the_optimizer_through_its_own_state_dict(tmp_path):
+    """The resumed AdamW state is the saved one: every moment and step counter, same dtype and device
+    (step counters on the CPU, where AdamW keeps them unless capturable / fused)."""
+    cfg, tc = model_config(), train_config(steps=4, autocast="off")
+    first = make_trainer(cfg, tc)
+    first.train_step()
+    first.save(tmp_path / "ckpt")
+    resumed = make_trainer(cfg, tc)
+    resumed.resume(tmp_path / "ckpt")
+    a, b = first.opt.state_dict(), resumed.opt.state_dict()
+    strip = lambda groups: [{k: v for k, v in g.items() if k != "lr"} for g in groups]  # noqa: E731 (lr: set per step)
+    assert strip(a["param_groups"]) == strip(b["param_groups"]) and a["state"].keys() == b["state"].keys()
+    assert len(a["state"]) == len(list(first.model.parameters()))
+    for i, st in a["state"].items():
+        for field, v in st.items():
+            w = b["state"][i][field]
+            assert torch.equal(w, v) and w.dtype == v.dtype and w.device == v.device, (i, field)
+        assert b["state"][i]["step"].device.type == "cpu"

@@ -222,11 +222,17 @@ class Trainer:
         raw = {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}
         load_state(self.model, raw, Path(path) / "train.safetensors")
         self.ema.shadow = {k: ema_state[k].float().clone() for k in self.ema.shadow}
-        params = dict(self.model.named_parameters())
+        # The optimizer's own load_state_dict places every moment beside its parameter and keeps
+        # the step counters where AdamW wants them (on the CPU unless capturable / fused).
+        index = {n: i for i, (n, _) in enumerate(self.model.named_parameters())}
+        state = {}
         for key, v in tensors.items():
             if key.startswith("opt."):
                 name, field = key[4:].rsplit(".", 1)
-                self.opt.state[params[name]][field] = v.to(self.device)
+                if name not in index:
+                    raise CheckpointError(f"{path}: optimizer state for unknown parameter {name}")
+                state.setdefault(index[name], {})[field] = v
+        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
         self.step = int(meta["step"])
 
     # -- the loop -----------------------------------------------------------------------------
