@@ -151,7 +151,7 @@ class PrefixAttention(nn.Module):
     def attend_to(self, x, k, v):  # x (B, F, S, D); k, v (B, H, m*S, d) -> (B, F, S, D)
         B, Fr, S, D = x.shape
         q = self.q(x).view(B, Fr * S, self.heads, D // self.heads).transpose(1, 2)
-        out = attend(q, k, v)  # (B, H, F*S, d)
+        out = attend(q, k.to(q.dtype), v.to(q.dtype))  # (B, H, F*S, d); no-op when the cache is in q's dtype
         return self.proj(out.transpose(1, 2).reshape(B, Fr, S, D))
 
     def forward(self, x, ctx: FrameContext, block: int):
@@ -163,7 +163,7 @@ class PrefixAttention(nn.Module):
                 out[:, q0:q1] = self.attend_to(x[:, q0:q1], kk, vv)
             return out
         cached = ctx.cache.prefix(block)
-        out = self.attend_to(x, *(c.to(x.dtype) for c in cached)) if cached is not None else torch.zeros_like(x)
+        out = self.attend_to(x, *cached) if cached is not None else torch.zeros_like(x)
         if ctx.write:  # after reading: this chunk's frames become the prefix of the next ones
             ctx.cache.write_prefix(block, *self.keys(x))
         return out

@@ -162,7 +162,9 @@ class StreamSession:
     unconditional branch. seed: an int (sample b uses seed + b) or one int per sample.
     mode: one of ``MODES``. context_noise: noise augmentation of context frames as they enter the
     context, in the schedule's units (sigma for flow, timestep for eps); the model is still told t = 0.
-    cache_dtype: dtype of the KV cache (default: the model's). autocast: e.g. torch.bfloat16.
+    autocast: e.g. torch.bfloat16. cache_dtype: dtype of the KV cache; default: the compute dtype
+    (the autocast dtype under autocast, so K/V are stored as computed and never cast per step; else
+    the model's).
     step_cache: a step-caching policy (spec string, ``StepCacheConfig``, or a ``StepCache`` whose
     counters the caller wants to read), ``shared`` mode only; this session's own state.
     stats: a ``GenerationStats`` to fill in (default: a new one, ``session.stats``).
@@ -205,7 +207,7 @@ class StreamSession:
         if self.guided:
             cond = Condition.cat(cond, model.unconditional(B, negative_prompt))
         self.cond = cond
-        self.engine = ENGINES[mode](model, self.rows, cond, cache_dtype)
+        self.engine = ENGINES[mode](model, self.rows, cond, cache_dtype or autocast or model.dtype)
         self.sampler = model.diffusion.sampler(steps)
         if step_cache is not None and not isinstance(step_cache, StepCache):
             step_cache = StepCache(step_cache, cfg.depth)

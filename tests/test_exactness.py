@@ -134,6 +134,23 @@ def test_bf16_autocast_on_cpu_runs_close_to_fp32():
     assert (amp - oracle).abs().max().item() < 0.1 * ref.abs().max().item()
 
 
+def test_under_autocast_the_cache_is_kept_in_the_compute_dtype():
+    """K/V are stored as autocast computes them (bf16), so no denoising step casts the window; an
+    explicit cache_dtype still wins."""
+    from ca2vdm import StreamSession
+
+    model = tiny_model(dtype=torch.float32, conditioning="text", text_dim=16, prefix_enhance=True)
+    kw = _kwargs(model, batch=1, guidance=2.0, dtype=torch.float32)
+    session = StreamSession(model, autocast=torch.bfloat16, **kw)
+    session.next_chunk()
+    session.next_chunk()
+    cache = session.engine.cache
+    assert cache.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in cache.k + cache.v + cache.pk)
+    assert StreamSession(model, **kw).engine.cache.dtype == torch.float32
+    assert StreamSession(model, autocast=torch.bfloat16, cache_dtype=torch.float32, **kw).engine.cache.dtype \
+        == torch.float32
+
+
 @pytest.mark.parametrize("positions", ["cyclic", "rope"])
 @pytest.mark.parametrize("prefix_frames", [0, 1, 2])
 def test_all_chunks_layout_equals_per_chunk_forward(positions, prefix_frames):
