@@ -8,8 +8,6 @@ The frame counter is a host integer: no ``torch.roll``, no ``.item()``, no copy 
 Which frames the window holds is ``layout.ChunkLayout``'s definition.
 """
 
-import copy
-
 import torch
 
 from .layout import ChunkLayout
@@ -72,16 +70,10 @@ class KVCache:
             raise ValueError(f"chunk {k} has {self.layout.chunk_len(k)} frames, got {q}")
         return k
 
-    def rows(self, rows: list[int]) -> "KVCache":
-        """The same cache restricted to some batch rows, for a denoising step run on part of the
-        batch (step caching). A contiguous run of rows is a view; other selections are copies.
-        Either way it is only read and staged into, never committed."""
-        sel = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
-        sub = copy.copy(self)
-        sub.batch = len(rows)
-        sub.k, sub.v = [t[sel] for t in self.k], [t[sel] for t in self.v]
-        sub.pk, sub.pv = [t[sel] for t in self.pk], [t[sel] for t in self.pv]
-        return sub
+    def rows(self, rows: list[int]) -> "CacheRows":
+        """The cache restricted to some batch rows, for a denoising step run on part of the batch
+        (step caching): read and staged into, never committed. Nothing is copied up front."""
+        return CacheRows(self, rows)
 
     # -- temporal K/V ------------------------------------------------------------------------
     def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +138,54 @@ class KVCache:
         depth, hidden = len(self.k), self.heads * self.head_dim
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return self.batch * self.capacity * depth * self.tokens * 2 * hidden * itemsize
+
+
+class CacheRows:
+    """Some batch rows of a ``KVCache`` as a cache for one denoising step (step caching computes
+    only the rows that are due). It owns no K/V: a contiguous run of rows stages into the parent's
+    own staging slots and reads views of it; other selections gather one block's window at a time,
+    when that block attends, so at most one block's window of those rows is ever copied."""
+
+    def __init__(self, cache: KVCache, rows: list[int]):
+        self.cache, self.batch = cache, len(rows)
+        contiguous = rows == list(range(rows[0], rows[-1] + 1))
+        self.sel = slice(rows[0], rows[-1] + 1) if contiguous else torch.tensor(rows, device=cache.k[0].device)
+        self.contiguous = contiguous
+        self.layout, self.frames_written = cache.layout, cache.frames_written
+        self.window_len, self.prefix_len = cache.window_len, cache.prefix_len
+
+    nbytes = 0  # it holds no buffer of its own
+
+    def check_chunk(self, q: int) -> int:
+        return self.cache.check_chunk(q)
+
+    def rows(self, rows: list[int]) -> "CacheRows":
+        raise RuntimeError("a row view of a cache cannot be narrowed again")
+
+    def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (b, S, H, n+q, d) window of these rows followed by the chunk's K/V (b, S, H, q, d)."""
+        n, q = self.window_len, k.shape[3]
+        K, V = self.cache.k[block], self.cache.v[block]
+        if self.contiguous:  # the parent's staging slots of these rows are free scratch space
+            K[self.sel, :, :, n:n + q].copy_(k)
+            V[self.sel, :, :, n:n + q].copy_(v)
+            return K[self.sel, :, :, :n + q], V[self.sel, :, :, :n + q]
+        window = lambda buf: buf[:, :, :, :n].index_select(0, self.sel)  # noqa: E731  (b, S, H, n, d)
+        return (torch.cat([window(K), k.to(K.dtype)], dim=3), torch.cat([window(V), v.to(V.dtype)], dim=3))
+
+    def commit(self, block: int, q: int) -> None:
+        raise RuntimeError("a row view of a cache is only read: write passes run on the whole cache")
+
+    def prefix(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        full = self.cache.prefix(block)
+        if full is None:
+            return None
+        if self.contiguous:
+            return full[0][self.sel], full[1][self.sel]
+        return full[0].index_select(0, self.sel), full[1].index_select(0, self.sel)
+
+    def write_prefix(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        raise RuntimeError("a row view of a cache is only read: write passes run on the whole cache")
 
 
 def _ring_runs(src: int, dst: int, length: int, cap: int) -> list[tuple[int, int, int]]:

@@ -128,3 +128,27 @@ def test_text_kv_computed_once_per_prompt(monkeypatch):
                    prompt=random_text(1, 4, 16), guidance=2.0, steps=3, stats=stats)
     assert stats.denoise_calls == 15
     assert len(calls) == 2 * model.config.depth  # conditional + unconditional branch, each once per block
+
+
+def test_a_row_view_copies_nothing_up_front_and_stages_what_the_whole_cache_would():
+    """Step caching runs a denoising step on the rows that are due: their view of the cache owns no
+    K/V (it used to copy every block's buffers for those rows on every partial step)."""
+    model = tiny_model(prefix_enhance=True)
+    cache = model.new_cache(batch=3)
+    with torch.no_grad():
+        model.forward_cached(torch.randn(3, 3, 1, 8, 8, dtype=torch.float64), torch.zeros(3, 1, dtype=torch.float64),
+                             cache, write=True)
+    k_new = torch.randn(3, cache.tokens, cache.heads, 2, cache.head_dim, dtype=torch.float64)
+    v_new = torch.randn_like(k_new)
+    for rows in ([0, 2], [1, 2]):
+        view = cache.rows(rows)
+        assert view.nbytes == 0 and view.batch == 2
+        k, v = view.stage(1, k_new[rows], v_new[rows])
+        n = cache.window_len
+        assert torch.equal(k[:, :, :, :n], cache.k[1][rows, :, :, :n]) and torch.equal(k[:, :, :, n:], k_new[rows])
+        assert torch.equal(v[:, :, :, n:], v_new[rows])
+        assert torch.equal(view.prefix(0)[0], cache.prefix(0)[0][rows])
+    contiguous = cache.rows([1, 2]).stage(0, k_new[1:], v_new[1:])[0]
+    assert contiguous.untyped_storage().data_ptr() == cache.k[0].untyped_storage().data_ptr()  # a view
+    with pytest.raises(RuntimeError, match="only read"):
+        cache.rows([0]).commit(0, 2)
