@@ -22,8 +22,11 @@ class KVCache:
     hold the spatial K/V of the last R clean frames (a ring of R slots, no staging needed).
 
     One clean write pass per chunk fills it (``stage`` then ``commit`` in every block, then
-    ``advance``); every denoising step of the next chunks reads it. With classifier-free guidance the batch is 2B: the
-    unconditional branch has its own half of every buffer and is written by the same pass.
+    ``advance``); every denoising step of the next chunks reads it. With classifier-free guidance
+    the batch is 2B: the unconditional branch has its own half of every buffer and is written by
+    the same pass. Under autograd (a training rollout through the cache) every write is out of
+    place, so gradients flow through any number of chunks and evictions (``differentiable``);
+    ``detach_`` cuts them.
     """
 
     def __init__(self, layout: ChunkLayout, depth: int, batch: int, tokens: int, heads: int,
@@ -42,6 +45,15 @@ class KVCache:
         self.pk = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(depth)] if prefix_enhance_frames else []
         self.pv = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(depth)] if prefix_enhance_frames else []
         self.frames_written = 0  # host integer: clean frames written so far (absolute index of the next)
+        self._staged = {}        # block -> the chunk's (k, v), staged out of place under autograd
+
+    def detach_(self) -> "KVCache":
+        """Cut the autograd graph at the cached K/V (a rollout's gradient stops at earlier chunks)."""
+        for bufs in (self.k, self.v, self.pk, self.pv):
+            for i, t in enumerate(bufs):
+                bufs[i] = t.detach()
+        self._staged.clear()
+        return self
 
     # -- bookkeeping (host integers only) ------------------------------------------------------
     @property
@@ -76,9 +88,22 @@ class KVCache:
         return CacheRows(self, rows)
 
     # -- temporal K/V ------------------------------------------------------------------------
+    def differentiable(self, block: int) -> bool:
+        """Whether this block's cache must be written out of place: autograd is recording, or the
+        buffer already carries a graph. In-place ``copy_`` into the preallocated buffers (the fast
+        path of generation) would overwrite tensors that a later backward needs."""
+        return torch.is_grad_enabled() or self.k[block].requires_grad
+
     def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put the chunk's K/V (B, S, H, q, d) after the valid window; return the (B, S, H, n+q, d) view."""
+        """Put the chunk's K/V (B, S, H, q, d) after the valid window; return the (B, S, H, n+q, d) view.
+        Out of place under autograd: the window and the chunk's K/V concatenated, the K/V kept for
+        ``commit``."""
         n, q = self.window_len, k.shape[3]
+        if self.differentiable(block):
+            self._staged[block] = (k, v)
+            return (torch.cat([self.k[block][:, :, :, :n], k.to(self.dtype)], dim=3),
+                    torch.cat([self.v[block][:, :, :, :n], v.to(self.dtype)], dim=3))
+        self._staged.pop(block, None)  # what an earlier differentiable step staged is stale now
         self.k[block][:, :, :, n:n + q].copy_(k)
         self.v[block][:, :, :, n:n + q].copy_(v)
         return self.k[block][:, :, :, :n + q], self.v[block][:, :, :, :n + q]
@@ -91,6 +116,15 @@ class KVCache:
         most two slices from the staging area (disjoint from the ring, so no transient copy).
         """
         c, n, cap = self.frames_written, self.window_len, self.capacity
+        if block in self._staged:  # out of place: fresh buffers, the old ones stay as autograd saw them
+            k, v = self._staged.pop(block)
+            first = max(0, q - cap)  # of a chunk longer than the ring only its last cap frames stay
+            new_k, new_v = self.k[block].clone(), self.v[block].clone()
+            for src, dst, length in _ring_runs(first, (c + first) % cap, q - first, cap):
+                new_k[:, :, :, dst:dst + length] = k[:, :, :, src:src + length]
+                new_v[:, :, :, dst:dst + length] = v[:, :, :, src:src + length]
+            self.k[block], self.v[block] = new_k, new_v
+            return
         first = max(0, cap - n, q - cap)  # staged frames that are not already in place
         for src, dst, length in _ring_runs(n + first, (c + first) % cap, q - first, cap):
             for buf in (self.k[block], self.v[block]):
@@ -108,9 +142,11 @@ class KVCache:
         """Push the chunk's prefix K/V (B, H, q, S, d) into the R-slot ring (call after reading)."""
         q, cap, c = k.shape[2], self.prefix_capacity, self.frames_written
         first = max(0, q - cap)
+        if torch.is_grad_enabled() or self.pk[block].requires_grad:  # out of place, as in ``commit``
+            self.pk[block], self.pv[block] = self.pk[block].clone(), self.pv[block].clone()
         for src, dst, length in _ring_runs(first, (c + first) % cap, q - first, cap):
-            self.pk[block][:, :, dst:dst + length].copy_(k[:, :, src:src + length])
-            self.pv[block][:, :, dst:dst + length].copy_(v[:, :, src:src + length])
+            self.pk[block][:, :, dst:dst + length] = k[:, :, src:src + length]
+            self.pv[block][:, :, dst:dst + length] = v[:, :, src:src + length]
 
     def advance(self, q: int) -> None:
         """Count q newly written clean frames (after every block has committed them)."""

@@ -152,3 +152,44 @@ def test_a_row_view_copies_nothing_up_front_and_stages_what_the_whole_cache_woul
     assert contiguous.untyped_storage().data_ptr() == cache.k[0].untyped_storage().data_ptr()  # a view
     with pytest.raises(RuntimeError, match="only read"):
         cache.rows([0]).commit(0, 2)
+
+
+@pytest.mark.parametrize("prefix_enhance", [False, True])
+def test_gradients_flow_through_the_cache_across_chunks_and_evictions(prefix_enhance):
+    """A rollout under autograd: 5 chunks of 2 frames through a 5-frame window (evictions from the
+    third chunk on), the loss on every chunk's prediction, the write passes recorded too. Its
+    parameter gradients equal those of the no-cache reference (the masked full-sequence forward over
+    the same frames), so the out-of-place cache writes lose no path and add none."""
+    model = tiny_model(prefix_enhance=prefix_enhance, conditioning="class", num_classes=3)
+    cfg = model.config
+    g = torch.Generator().manual_seed(3)
+    frames = torch.randn(2, 3, 1 + 5 * 2, 8, 8, generator=g, dtype=torch.float64)  # clean context frames
+    noisy = torch.randn(2, 3, 5 * 2, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.full((2, 2), 400.0, dtype=torch.float64)
+    cond = lambda: model.condition(2, labels=torch.tensor([0, 2]))  # noqa: E731
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    cache, c, loss = model.new_cache(2), cond(), 0.0
+    model.forward_cached(frames[:, :, :1], torch.zeros(2, 1, dtype=torch.float64), cache, c, write=True)
+    for k in range(5):
+        x = noisy[:, :, 2 * k:2 * k + 2]
+        loss = loss + (model.forward_cached(x, t, cache, c) ** 2).mean()
+        model.forward_cached(frames[:, :, 1 + 2 * k:3 + 2 * k], torch.zeros(2, 2, dtype=torch.float64), cache, c,
+                             write=True)
+    assert cache.frames_written == 11 > cfg.max_context_frames
+    cached = grads(loss)
+
+    c, loss = cond(), 0.0
+    for k in range(5):
+        n = 1 + 2 * k
+        full = torch.cat([frames[:, :, :n], noisy[:, :, 2 * k:2 * k + 2]], dim=2)
+        tt = torch.cat([torch.zeros(2, n, dtype=torch.float64), t], dim=1)
+        loss = loss + (model(full, tt, c)[:, :, n:] ** 2).mean()
+    reference = grads(loss)
+    assert cached.keys() == reference.keys() and len(cached) > 10
+    for name, gr in reference.items():
+        assert (cached[name] - gr).abs().max().item() <= 1e-10 * max(1.0, gr.abs().max().item()), name
