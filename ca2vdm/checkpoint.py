@@ -161,15 +161,43 @@ def guidance_for(path, guidance: float | None = None) -> float:
     return float(guidance)
 
 
-def export_checkpoint(src, dst, dtype: torch.dtype = torch.float16, guidance: float | None = None) -> Path:
+DEFAULT_STEPS = 20  # sampling steps per chunk when neither the user nor the checkpoint names any
+
+
+def sampling_for(path, steps: int | None = None, levels=None, guidance: float | None = None) -> dict:
+    """How to sample checkpoint ``path``: {"steps", "levels", "guidance"}. What is given wins; else
+    the checkpoint's recommendation (``config.json["sampling"]``: ``levels`` for a few-step student,
+    ``steps``, ``guidance``); else ``DEFAULT_STEPS`` and ``DEFAULT_GUIDANCE``. ``levels`` (a list of
+    noise levels) and ``steps`` are exclusive; with levels, steps is their number."""
+    rec = read_config(path).get("sampling", {})
+    if levels is None and steps is None:
+        levels = rec.get("levels")
+        steps = rec.get("steps", DEFAULT_STEPS) if levels is None else None
+    if levels is not None:
+        if not isinstance(levels, (list, tuple)) or not all(isinstance(s, (int, float)) for s in levels):
+            raise CheckpointError(f"{path}/config.json: sampling.levels must be a list of numbers, got {levels!r}")
+        if steps is not None and steps != len(levels):
+            raise ValueError(f"{steps} steps contradict the {len(levels)} noise levels given")
+        levels, steps = [float(s) for s in levels], len(levels)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"sampling steps must be a positive integer, got {steps!r}")
+    return {"steps": steps, "levels": levels, "guidance": guidance_for(path, guidance)}
+
+
+def export_checkpoint(src, dst, dtype: torch.dtype = torch.float16, guidance: float | None = None,
+                      levels=None) -> Path:
     """Write a generation-only copy of checkpoint ``src`` to ``dst``: config.json (metadata kept) and
     model.safetensors cast to ``dtype``; optimizer state and raw weights are left behind. ``guidance``
-    records the recommended guidance scale, which sampling commands use when given none."""
+    records the recommended guidance scale and ``levels`` the few-step noise levels, which sampling
+    commands use when given none."""
     meta = read_config(src)
     model = load_checkpoint(src)
     extra = {k: v for k, v in meta.items() if k != "model"}
     extra["exported_dtype"] = str(dtype).replace("torch.", "")
     if guidance is not None:
         extra["sampling"] = dict(extra.get("sampling", {}), guidance=guidance_for(src, guidance))
+    if levels is not None:
+        model.diffusion.few_step_sampler(levels)  # refuses levels it could not sample
+        extra["sampling"] = dict(extra.get("sampling", {}), levels=[float(s) for s in levels], steps=len(levels))
     save_checkpoint(dst, model, extra, dtype=dtype)
     return Path(dst)

@@ -10,6 +10,17 @@ from .assets import DEFAULT_MODEL, asset_path
 DEFAULT_CHECKPOINT = asset_path(DEFAULT_MODEL)
 DEFAULT_PROMPT = "a 3 moving down and right"
 GUIDANCE_HELP = "classifier-free guidance scale (1 = off; default: the checkpoint's recommended scale, else 4)"
+STEPS_HELP = "denoising steps per chunk (default: the checkpoint's recommendation, else 20)"
+LEVELS_HELP = ("few-step sampling: comma-separated noise levels from 1 down, e.g. 1,0.94,0.83,0.62 "
+               "(default: the checkpoint's, if it names any)")
+
+
+def _levels(text):
+    """--levels 1,0.75,0.5 -> [1.0, 0.75, 0.5]."""
+    try:
+        return [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--levels takes comma-separated numbers, got {text!r}") from None
 
 
 def _save(report: dict, json_path=None, plot_path=None, plot=None):
@@ -53,7 +64,10 @@ def _device_and_dtype(args):
 
 
 def _report(result):
-    s = result["stats"]
+    s, sampling = result["stats"], result["sampling"]
+    how = (f"levels {', '.join(f'{x:.3g}' for x in sampling['levels'])}" if sampling["levels"]
+           else f"{sampling['steps']} steps")
+    print(f"sampling: {how}, guidance {sampling['guidance']:g}")
     print(f"time to first chunk: {s.seconds_to_first_chunk:.2f} s; "
           f"{result['frames'] * result['batch'] / result['seconds']:.1f} frames/s "
           f"({s.chunks} chunks, {s.denoise_calls} denoising forwards, {s.write_calls} cache writes)")
@@ -77,9 +91,10 @@ def _generate(args):
     from .generate import generate_to_files
 
     device, _ = _device_and_dtype(args)
-    result = generate_to_files(args.checkpoint, args.frames, prompts, args.label, args.negative_prompt, args.first_frame,
-                            args.guidance, args.steps, args.seed, args.cache, args.out, args.save_latents,
-                            device, args.dtype, fps=args.fps, scale=args.scale, step_cache=args.step_cache)
+    result = generate_to_files(args.checkpoint, args.frames, prompts, args.label, args.negative_prompt,
+                               args.first_frame, args.guidance, args.steps, args.seed, args.cache, args.out,
+                               args.save_latents, device, args.dtype, fps=args.fps, scale=args.scale,
+                               step_cache=args.step_cache, levels=args.levels)
     _report(result)
 
 
@@ -89,7 +104,8 @@ def _demo(args):
     out_dir = Path(args.out_dir)
     stem = f"demo_{args.frames}f_seed{args.seed}"
     result = generate_to_files(args.checkpoint, args.frames, [args.prompt], guidance=args.guidance, steps=args.steps,
-                            seed=args.seed, out=out_dir / f"{stem}.mp4", extra_outputs=[out_dir / f"{stem}.gif"])
+                               levels=args.levels, seed=args.seed, out=out_dir / f"{stem}.mp4",
+                               extra_outputs=[out_dir / f"{stem}.gif"])
     print(f'prompt: "{args.prompt}"')
     _report(result)
 
@@ -118,7 +134,7 @@ def _eval(args):
         if not data.get("root"):
             raise ValueError(f"--data {args.data} needs --root (the checkpoint's config names no folder)")
         report = evaluate_continuations(args.checkpoint, data, args.frames, args.steps, args.guidance, args.seed,
-                                        args.videos, fvd=args.fvd)
+                                        args.videos, fvd=args.fvd, levels=args.levels)
         _save(report, args.json)
         print(f"{len(report['videos'])} continuations of {report['given_frames']} real frame(s), {report['frames']} "
               f"frames: PSNR {report['psnr']:.2f} dB, SSIM {report['ssim']:.4f} against the real videos")
@@ -129,7 +145,7 @@ def _eval(args):
     if args.data != "moving-digits":
         raise ValueError(f"--data {args.data}: choose moving-digits, video-folder or frame-folder")
     report = evaluate_digits(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed,
-                             fvd=args.fvd)
+                             fvd=args.fvd, levels=args.levels)
     _save(report, args.json)
     o = report["overall"]
     print(json.dumps({k: o[k] for k in o if not isinstance(o[k], list)}, indent=2))
@@ -176,7 +192,7 @@ def _export(args):
 
     from .checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype), args.guidance)
+    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype), args.guidance, args.levels)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
 
@@ -218,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", help="prompt for the unconditional guidance branch")
     g.add_argument("--first-frame", help="image, or video whose last frames start the video (resized)")
     g.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
-    g.add_argument("--steps", type=int, default=20, help="denoising steps per chunk (default 20)")
+    g.add_argument("--steps", type=int, help=STEPS_HELP)
+    g.add_argument("--levels", type=_levels, help=LEVELS_HELP)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--cache", choices=["shared", "recompute-full", "recompute-window"], default="shared",
                    help="generation mode (default shared: the Ca2-VDM KV-cache queue)")
@@ -239,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt", default=DEFAULT_PROMPT, help=f'default: "{DEFAULT_PROMPT}"')
     d.add_argument("--frames", type=int, default=256, help="default 256")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--steps", type=int, default=20, help="denoising steps per chunk (default 20)")
+    d.add_argument("--steps", type=int, help=STEPS_HELP)
+    d.add_argument("--levels", type=_levels, help=LEVELS_HELP)
     d.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     d.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: shipped model)")
     d.add_argument("--out-dir", default="outputs")
@@ -258,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--root", help="folder of real videos (folder data; default: the checkpoint's training root)")
     e.add_argument("--videos", type=int, default=16)
     e.add_argument("--frames", type=int, default=128)
-    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--steps", type=int, help=STEPS_HELP)
+    e.add_argument("--levels", type=_levels, help=LEVELS_HELP)
     e.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     e.add_argument("--seed", type=int, default=1000, help="first held-out clip seed and generation seed")
     e.add_argument("--fvd", action=argparse.BooleanOptionalAction, default=True,
@@ -286,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="output directory, e.g. ca2vdm/assets/digits")
     x.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     x.add_argument("--guidance", type=float, help="record this guidance scale as the checkpoint's recommended one")
+    x.add_argument("--levels", type=_levels, help="record these few-step noise levels as the checkpoint's sampling")
     x.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="time shared / recompute-window / recompute-full generation",

@@ -36,6 +36,8 @@ def _per_frame(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class Sampler:
     """A sampling schedule: ``timesteps[i]`` is fed to the network at step i, ``step`` updates x."""
 
+    predicts_x0 = False  # ``step`` takes the objective's output (velocity or noise)
+
     def __init__(self, diffusion, timesteps: list[float], coefs: list[tuple[float, float]]):
         self.diffusion = diffusion
         self.timesteps = timesteps
@@ -47,6 +49,34 @@ class Sampler:
     def step(self, x: torch.Tensor, out: torch.Tensor, i: int) -> torch.Tensor:
         """x at step i and the network output -> x at step i + 1."""
         return self.diffusion.update(x, out, *self.coefs[i])
+
+
+class FewStepSampler:
+    """Few-step sampling (CausVid, Self-Forcing): at level sigma_i the network's clean-frame (x0)
+    prediction is taken as it is and re-noised to sigma_{i+1} with fresh noise; the last level's
+    x0 is the output. ``step`` takes that noise, drawn by the caller per (seed, sample, chunk, step)."""
+
+    predicts_x0 = True
+
+    def __init__(self, diffusion, levels):
+        levels = [float(s) for s in levels]
+        if not levels:
+            raise ValueError("few-step sampling needs at least one noise level")
+        if levels[0] != 1.0 or any(not 0 < b < a for a, b in zip(levels, levels[1:])) or levels[-1] <= 0:
+            raise ValueError(f"noise levels must start at 1 (pure noise) and decrease strictly within (0, 1], "
+                             f"got {levels}")
+        self.diffusion, self.levels = diffusion, levels
+        self.timesteps = [s * diffusion.num_train_timesteps for s in levels]
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+    def step(self, x: torch.Tensor, x0: torch.Tensor, i: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x0 predicted at level i -> x at level i + 1: (1 - s) x0 + s noise; the last step returns x0."""
+        if i == len(self.levels) - 1:
+            return x0
+        s = self.levels[i + 1]
+        return (1 - s) * x0 + s * noise
 
 
 class FlowMatching:
@@ -75,6 +105,23 @@ class FlowMatching:
     def update(x, v, sigma: float, sigma_next: float):
         """Euler step of dx/dsigma = v."""
         return x + (sigma_next - sigma) * v
+
+    def few_step_sampler(self, levels) -> "FewStepSampler":
+        """A sampler over an explicit list of noise levels sigma_1 = 1 > ... > sigma_K > 0."""
+        return FewStepSampler(self, levels)
+
+    def warped_levels(self, steps: int, shift: float | None = None) -> list[float]:
+        """``steps`` levels evenly spaced in (0, 1] from 1 down, then shifted toward high noise:
+        [1, s(1 - 1/K), ..., s(1/K)] with s the timestep shift (``shift`` or the schedule's)."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        k = self.shift if shift is None else shift
+        return [k * u / (1 + (k - 1) * u) for u in (1 - i / steps for i in range(steps))]
+
+    def x0_from(self, x, v, t):
+        """The clean frames a velocity v implies for x at network time t (B, F): x - sigma v."""
+        sigma = (t / self.num_train_timesteps).to(x.dtype)[:, None, :, None, None]
+        return x - sigma * v
 
     # -- training ----------------------------------------------------------------------------
     def sample_levels(self, shape, generator=None, device=None) -> torch.Tensor:
@@ -125,6 +172,14 @@ class DDPM:
             a_prev = self._abar[prev] if prev >= 0 else 1.0
             coefs.append((self._abar[t], a_prev))
         return Sampler(self, [float(t) for t in ts], coefs)
+
+    def x0_from(self, x, eps, t):
+        """The clean frames a noise prediction implies for x at integer timestep t (B, F)."""
+        a = self.alphas_cumprod.to(x.device)[t.long()]  # (B, F)
+        return (x - _per_frame((1 - a).sqrt(), x) * eps) / _per_frame(a.sqrt(), x)
+
+    def few_step_sampler(self, levels):
+        raise ValueError("few-step levels are defined for objective='flow' (re-noising x0 to sigma)")
 
     @staticmethod
     def update(x, eps, a_t: float, a_prev: float):

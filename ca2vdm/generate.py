@@ -25,24 +25,26 @@ __all__ = ["generate", "generate_video", "generate_to_files", "load_first_frames
 
 def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor | None = None,
              prompt: Text | None = None, negative_prompt: Text | None = None, labels=None,
-             steps: int = 10, guidance: float = 1.0, seed: int | list[int] = 0, mode: str = "shared",
+             steps: int | None = None, guidance: float = 1.0, seed: int | list[int] = 0, mode: str = "shared",
              batch: int | None = None, context_noise: float = 0.0, cache_dtype: torch.dtype | None = None,
-             autocast: torch.dtype | None = None, step_cache=None, stats: GenerationStats | None = None):
+             autocast: torch.dtype | None = None, step_cache=None, stats: GenerationStats | None = None,
+             levels: list[float] | None = None):
     """Generate a video chunk by chunk, yielding each chunk (B, C, f, H, W) as soon as it exists.
 
     The first yield is the given first frames (chunk 0) when the model takes them; every later
     yield is one generated chunk of ``chunk_frames`` frames, the last one trimmed so that the
     frames yielded add up to ``num_frames``. Unbounded: memory in ``shared`` mode does not grow.
     The last chunk is not written into the cache (nothing follows it). Every other argument is
-    ``StreamSession``'s: first_frames, prompt, negative_prompt, labels, steps, guidance, seed (an
-    int: sample b uses seed + b; or one per sample), mode, batch, context_noise, cache_dtype,
-    autocast, step_cache (a policy spec, ``StepCacheConfig`` or ``StepCache``), stats.
+    ``StreamSession``'s: first_frames, prompt, negative_prompt, labels, steps (default 10) or levels
+    (few-step noise levels), guidance, seed (an int: sample b uses seed + b; or one per sample), mode,
+    batch, context_noise, cache_dtype, autocast, step_cache (a policy spec, ``StepCacheConfig`` or
+    ``StepCache``), stats.
     """
     p, l = model.config.prefix_frames, model.config.chunk_frames
     if num_frames <= p:
         raise ValueError(f"num_frames={num_frames} must exceed the {p} given first frame(s)")
     session = StreamSession(model, first_frames, prompt, negative_prompt, labels, steps, guidance, seed, mode,
-                            batch, context_noise, cache_dtype, autocast, step_cache, stats)
+                            batch, context_noise, cache_dtype, autocast, step_cache, stats, levels)
     n_chunks = math.ceil((num_frames - p) / l)
     out = []
     if p:
@@ -93,21 +95,24 @@ def load_first_frames(path, model: CausalVideoDiT, batch: int, autoencoder) -> t
 
 
 def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=None, first_frame=None,
-                      guidance=None, steps=20, seed=0, cache="shared", out="outputs/video.mp4", save_latents=None,
+                      guidance=None, steps=None, seed=0, cache="shared", out="outputs/video.mp4", save_latents=None,
                       device="cpu", dtype="float32", extra_outputs=(), fps=8, scale=4, step_cache=None,
-                      progress=True) -> dict:
+                      progress=True, levels=None) -> dict:
     """Load a checkpoint, generate, append each chunk to the output file(s) as it completes.
 
     prompts: a list of prompts (one video each, one batch) for a text model; label: an int for a
     class model. One file per video per output: ``name.mp4``, or ``name_0.mp4``, ``name_1.mp4``, ...
     for a batch. save_latents: also write the raw output (key ``latents``, (B, C, F, H, W), in ``dtype``)
-    as safetensors. Returns {"paths", "seconds", "stats", "frames", "batch", "step_cache"}.
+    as safetensors. steps / levels / guidance: default the checkpoint's recommendation
+    (``checkpoint.sampling_for``). Returns {"paths", "seconds", "stats", "frames", "batch",
+    "step_cache", "sampling"}.
     """
     from .autoencoder import load_autoencoder
-    from .checkpoint import guidance_for, load_checkpoint, read_config
+    from .checkpoint import load_checkpoint, read_config, sampling_for
     from .video import VideoWriter
 
-    guidance = guidance_for(checkpoint, guidance)
+    sampling = sampling_for(checkpoint, steps, levels, guidance)
+    steps, levels, guidance = sampling["steps"], sampling["levels"], sampling["guidance"]
     model = load_checkpoint(checkpoint, device=device, dtype=getattr(torch, dtype))
     cfg = model.config
     autoencoder = load_autoencoder(read_config(checkpoint).get("autoencoder", "pixel"), device)
@@ -160,8 +165,8 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
     t0 = time.perf_counter()
     try:
         for chunk in generate(model, frames, first_frames=first, prompt=prompt, negative_prompt=neg, labels=labels,
-                              steps=steps, guidance=guidance, seed=seed, mode=cache, batch=batch,
-                              step_cache=step_cache or None, stats=stats):
+                              steps=None if levels else steps, levels=levels, guidance=guidance, seed=seed,
+                              mode=cache, batch=batch, step_cache=step_cache or None, stats=stats):
             video = autoencoder.decode(chunk.float()).clamp(-1, 1).cpu()
             for group in writers:
                 for b, w in enumerate(group):
@@ -183,4 +188,5 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
 
         Path(save_latents).parent.mkdir(parents=True, exist_ok=True)
         save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(save_latents))
-    return dict(paths=paths, seconds=seconds, stats=stats, frames=frames, batch=batch, step_cache=step_cache)
+    return dict(paths=paths, seconds=seconds, stats=stats, frames=frames, batch=batch, step_cache=step_cache,
+                sampling=sampling)

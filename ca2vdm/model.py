@@ -176,21 +176,23 @@ class CausalVideoDiT(nn.Module):
             c = c + cond.vector[:, None]
         return h, c
 
-    def head(self, h, c, x, t):
+    def head(self, h, c, x, t, x0: bool = False):
         """The final layer: tokens h (B, F, S, D) -> the prediction (B, C, F, H, W) in the objective's
-        parameterisation (a velocity for ``flow``, also when the network predicts x0)."""
+        parameterisation (a velocity for ``flow``, also when the network predicts x0), or with
+        ``x0=True`` the clean-frame prediction: the x0 head itself for ``prediction='sample'`` (the
+        clamped velocity is never inverted), else the objective's output turned into x0 exactly."""
         shift, scale = self.final_adaLN(c)[:, :, None].chunk(2, dim=-1)
         out = self.unpatchify(self.final_proj(modulate(self.final_norm(h), shift, scale)))
         if self.config.prediction == "sample":
-            out = self.velocity_from_sample(x, out, t)
-        return out
+            return out.to(x.dtype) if x0 else self.velocity_from_sample(x, out, t)
+        return self.diffusion.x0_from(x, out, t) if x0 else out
 
     def _positions(self, frames, shift: int):
         tpe = self.tpe(frames, shift).to(self.dtype) if self.tpe is not None else None
         rope = self.rope.angles(frames, self.dtype, self.device) if self.rope is not None else None
         return tpe, rope
 
-    def _run(self, x, t, cond, ctx, return_hidden, skip_output=False):
+    def _run(self, x, t, cond, ctx, return_hidden, skip_output=False, x0=False):
         """embed -> every block -> head; the hidden state after each block with ``return_hidden``."""
         h, c = self.embed(x, t, cond)
         hidden = []
@@ -201,7 +203,7 @@ class CausalVideoDiT(nn.Module):
                 h = block(h, c, cond, ctx, i)
             if return_hidden:
                 hidden.append(h)
-        out = None if skip_output else self.head(h, c, x, t)
+        out = None if skip_output else self.head(h, c, x, t, x0)
         return (out, hidden) if return_hidden else out
 
     def target(self, x0, noise, level):
@@ -231,13 +233,14 @@ class CausalVideoDiT(nn.Module):
 
     # -- the forwards ----------------------------------------------------------------------------
     def forward(self, x, t, cond: Condition | None = None, start: int = 0, tpe_shift: int = 0,
-                return_hidden: bool = False):
+                return_hidden: bool = False, x0: bool = False):
         """Full-sequence forward over frames [start, start + F) of a video.
 
         x: (B, C, F, H, W); t: (B, F) network time per frame (0 = clean). Temporal attention uses
         ``ChunkLayout.mask`` over these frames: frames before ``start`` are simply absent (the
         recompute-window baseline runs a window this way). ``tpe_shift`` rotates cyclic rows
-        (training augmentation). Returns the prediction (B, C, F, H, W) [and per-block hidden].
+        (training augmentation). Returns the prediction (B, C, F, H, W) [and per-block hidden]; every
+        forward takes ``x0=True`` for the clean-frame prediction instead (see ``head``).
         """
         cond = self.check_input(x, t, cond)
         Fr = x.shape[2]
@@ -246,10 +249,10 @@ class CausalVideoDiT(nn.Module):
         ctx = FrameContext(tpe, rope, mask=self.layout.mask(frames, frames, x.device))
         if self.config.prefix_enhance:
             ctx.prefix_groups = self.prefix_groups(frames)
-        return self._run(x, t, cond, ctx, return_hidden)
+        return self._run(x, t, cond, ctx, return_hidden, x0=x0)
 
     def forward_all_chunks(self, context, noisy, t_noisy, cond: Condition | None = None, tpe_shift: int = 0,
-                           return_hidden: bool = False):
+                           return_hidden: bool = False, x0: bool = False):
         """All chunks at once: a clean context clip and noisy copies of its generated frames in one pass.
 
         context: (B, C, F, H, W) clean frames 0..F-1 (told time 0): ground truth in teacher forcing,
@@ -273,7 +276,7 @@ class CausalVideoDiT(nn.Module):
         if self.config.prefix_enhance:
             noisy_groups = [((q0 + Fr, q1 + Fr), ks) for (q0, q1), ks in self.prefix_groups(range(p, Fr), 0)]
             ctx.prefix_groups = self.prefix_groups(range(Fr)) + noisy_groups  # noisy copies read context keys
-        result = self._run(x, t, cond, ctx, return_hidden)
+        result = self._run(x, t, cond, ctx, return_hidden, x0=x0)
         if return_hidden:
             return result[0][:, :, Fr:], result[1]
         return result[:, :, Fr:]
@@ -300,7 +303,7 @@ class CausalVideoDiT(nn.Module):
         return FrameContext(tpe, rope, cache=cache)
 
     def forward_cached(self, x, t, cache: KVCache, cond: Condition | None = None, write: bool = False,
-                       return_hidden: bool = False):
+                       return_hidden: bool = False, x0: bool = False):
         """One chunk against the KV cache; the chunk's frames are the next ones after the cache.
 
         ``write=False``: a denoising step — the chunk attends to the cached window and to itself.
@@ -311,7 +314,7 @@ class CausalVideoDiT(nn.Module):
         cond = self.check_input(x, t, cond)
         ctx = self.cached_context(cache, x)
         ctx.write = write
-        result = self._run(x, t, cond, ctx, return_hidden, skip_output=write)
+        result = self._run(x, t, cond, ctx, return_hidden, skip_output=write, x0=x0)
         if write:
             cache.advance(x.shape[2])
         return result

@@ -189,17 +189,17 @@ class StepCache:
         return self.step >= 0
 
     # -- the step-cached denoising forward ------------------------------------------------------
-    def forward(self, model, x, t, cache, cond):
+    def forward(self, model, x, t, cache, cond, x0: bool = False):
         """A denoising step of chunk x (B, C, q, H, W) at times t (B, q) against ``cache``, under
         this policy: ``model.forward_cached(x, t, cache, cond)`` with the block stack skipped for
         the rows that reuse their kept residual. Outside a chunk's steps it is the plain forward."""
         if not self.active:
-            return model.forward_cached(x, t, cache, cond)
+            return model.forward_cached(x, t, cache, cond, x0=x0)
         cond = model.check_input(x, t, cond)
         ctx = model.cached_context(cache, x)
         h, c = model.embed(x, t, cond)
         h = self.run_blocks(model.blocks, h, c, cond, ctx)
-        return model.head(h, c, x, t)
+        return model.head(h, c, x, t, x0)
 
     def run_blocks(self, blocks, h, c, cond, ctx):
         """The block stack of a denoising step. h (B, F, S, D) embeddings -> (B, F, S, D).

@@ -78,10 +78,10 @@ class SharedCache:
         self.model, self.cond = model, cond
         self.cache = model.new_cache(batch, cache_dtype)
 
-    def denoise(self, x, t, step_cache: StepCache | None = None):
+    def denoise(self, x, t, step_cache: StepCache | None = None, x0: bool = False):
         if step_cache is not None:
-            return step_cache.forward(self.model, x, t, self.cache, self.cond)
-        return self.model.forward_cached(x, t, self.cache, self.cond)
+            return step_cache.forward(self.model, x, t, self.cache, self.cond, x0)
+        return self.model.forward_cached(x, t, self.cache, self.cond, x0=x0)
 
     def append(self, frames):
         t = frames.new_zeros(frames.shape[0], frames.shape[2], dtype=torch.float64)
@@ -100,14 +100,14 @@ class RecomputeFull:
         self.history = None  # (B, C, n, H, W) clean context frames
         self.start = 0       # absolute index of history[:, :, 0]
 
-    def denoise(self, x, t, step_cache=None):
+    def denoise(self, x, t, step_cache=None, x0: bool = False):
         q = x.shape[2]
         if self.history is None:
-            return self.model(x, t, self.cond, start=self.start)
+            return self.model(x, t, self.cond, start=self.start, x0=x0)
         n = self.history.shape[2]
         full = torch.cat([self.history, x], dim=2)
         tt = torch.cat([t.new_zeros(t.shape[0], n), t], dim=1)
-        return self.model(full, tt, self.cond, start=self.start)[:, :, n:n + q]
+        return self.model(full, tt, self.cond, start=self.start, x0=x0)[:, :, n:n + q]
 
     def append(self, frames):
         self.history = frames if self.history is None else torch.cat([self.history, frames], dim=2)
@@ -158,7 +158,10 @@ class StreamSession:
 
     first_frames: (B, C, prefix_frames, H, W), required iff ``config.prefix_frames`` > 0.
     prompt / negative_prompt: ``Text`` token states (text models). labels: (B,) ints (class models).
-    steps: sampling steps per chunk. guidance: classifier-free guidance scale; 1 disables the
+    steps: sampling steps per chunk (default 10), on the objective's schedule. levels: instead, an
+    explicit list of noise levels 1 = sigma_1 > ... > sigma_K (few-step students): at each level the
+    x0 prediction is re-noised to the next with noise from a generator per (seed, sample, chunk,
+    step), and the chunk is the last x0 (``diffusion.FewStepSampler``). guidance: classifier-free guidance scale; 1 disables the
     unconditional branch. seed: an int (sample b uses seed + b) or one int per sample.
     mode: one of ``MODES``. context_noise: noise augmentation of context frames as they enter the
     context, in the schedule's units (sigma for flow, timestep for eps); the model is still told t = 0.
@@ -171,15 +174,17 @@ class StreamSession:
     """
 
     def __init__(self, model: CausalVideoDiT, first_frames: torch.Tensor | None = None, prompt: Text | None = None,
-                 negative_prompt: Text | None = None, labels=None, steps: int = 10, guidance: float = 1.0,
+                 negative_prompt: Text | None = None, labels=None, steps: int | None = None, guidance: float = 1.0,
                  seed: int | list[int] = 0, mode: str = "shared", batch: int | None = None,
                  context_noise: float = 0.0, cache_dtype: torch.dtype | None = None,
                  autocast: torch.dtype | None = None, step_cache: "str | StepCacheConfig | StepCache | None" = None,
-                 stats: GenerationStats | None = None):
+                 stats: GenerationStats | None = None, levels: list[float] | None = None):
         cfg = model.config
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if steps < 1:
+        if levels is not None and steps is not None and steps != len(levels):
+            raise ValueError(f"steps={steps} contradicts the {len(levels)} noise levels given; give one of them")
+        if steps is not None and steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         B = _batch_size(first_frames, prompt, labels, seed, batch)
         p = cfg.prefix_frames
@@ -208,7 +213,10 @@ class StreamSession:
             cond = Condition.cat(cond, model.unconditional(B, negative_prompt))
         self.cond = cond
         self.engine = ENGINES[mode](model, self.rows, cond, cache_dtype or autocast or model.dtype)
-        self.sampler = model.diffusion.sampler(steps)
+        if levels is not None:
+            self.sampler = model.diffusion.few_step_sampler(levels)
+        else:
+            self.sampler = model.diffusion.sampler(10 if steps is None else steps)
         if step_cache is not None and not isinstance(step_cache, StepCache):
             step_cache = StepCache(step_cache, cfg.depth)
         self.step_cache = step_cache
@@ -244,21 +252,30 @@ class StreamSession:
         model, cfg, sampler, sc = self.model, self.model.config, self.sampler, self.step_cache
         l, rows = cfg.chunk_frames, self.rows
         x = chunk_noise(self.seeds, k, (cfg.in_channels, l, *cfg.frame_size), dtype=model.dtype, device=model.device)
+        # noise streams of a chunk: 0 its starting noise, 1 context noise, 2 + i re-noising after step i
         if sc is not None:  # the reuse state starts afresh in every chunk
             sc.begin_chunk(len(sampler), rows)
             before = sc.computed
+        x0 = sampler.predicts_x0
+        shape = (cfg.in_channels, l, *cfg.frame_size)
         for i, tv in enumerate(sampler.timesteps):
             xin = torch.cat([x, x]) if self.guided else x
             t = torch.full((rows, l), tv, dtype=torch.float64, device=model.device)
             if sc is not None:
                 sc.begin_step(i)
             with self._network():
-                pred = self.engine.denoise(xin, t, sc).to(model.dtype)
+                pred = self.engine.denoise(xin, t, sc, x0=x0).to(model.dtype)
             self.stats.denoise_calls += 1
-            if self.guided:
+            if self.guided:  # linear in the prediction: the same in velocity, noise or x0 space
                 cond_pred, uncond_pred = pred.chunk(2)
                 pred = uncond_pred + self.guidance * (cond_pred - uncond_pred)
-            x = sampler.step(x, pred, i)
+            if x0:  # re-noise the x0 prediction to the next level with this step's own noise
+                last = i == len(sampler) - 1
+                noise = None if last else chunk_noise(self.seeds, k, shape, stream=2 + i, dtype=model.dtype,
+                                                      device=model.device)
+                x = sampler.step(x, pred, i, noise)
+            else:
+                x = sampler.step(x, pred, i)
         row_steps = rows * len(sampler)
         self.stats.steps_total += row_steps
         if sc is not None:

@@ -276,3 +276,18 @@ def test_bench_unbounded_context_grows_the_cache():
     assert sizes[1] * (17 + staging) == sizes[0] * (33 + staging)  # ring slots = P_max = the video's frames
     with pytest.raises(ValueError, match="bounded"):
         preset_config("tiny", "infinite")
+
+
+def test_a_student_checkpoint_samples_with_its_levels(text_checkpoint, tmp_path):
+    """export --levels records few-step levels; generate then uses them (and guidance 1) unless told
+    otherwise, and says so; a malformed --levels is a one-line error."""
+    r = ca2vdm("export", text_checkpoint, tmp_path / "s", "--levels", "1,0.75,0.5", "--guidance", 1)
+    assert r.returncode == 0, r.stderr
+    sampling = json.loads((tmp_path / "s" / "config.json").read_text())["sampling"]
+    assert sampling == {"guidance": 1.0, "levels": [1.0, 0.75, 0.5], "steps": 3}
+    r = ca2vdm("generate", "--checkpoint", tmp_path / "s", "--frames", 4, "--prompt", "a 1", "--out",
+               tmp_path / "s.gif")
+    assert r.returncode == 0, r.stderr
+    assert "sampling: levels 1, 0.75, 0.5, guidance 1" in r.stdout and "6 denoising forwards" in r.stdout
+    r = ca2vdm("generate", "--checkpoint", tmp_path / "s", "--frames", 4, "--prompt", "a 1", "--levels", "1,x")
+    assert r.returncode != 0 and "comma-separated numbers" in r.stderr

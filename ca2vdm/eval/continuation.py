@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ..checkpoint import guidance_for, load_checkpoint
+from ..checkpoint import load_checkpoint, sampling_for
 from ..conditioning import Text
 from ..data import build_dataset
 from ..generate import generate_video
@@ -13,11 +13,12 @@ from ..metrics.fidelity import fidelity
 from ..metrics.fvd import add_fvd
 
 
-def evaluate_continuations(checkpoint, data: dict, frames=65, steps=20, guidance=None, seed=0, videos=None,
-                           device="cpu", log=print, fvd=True) -> dict:
+def evaluate_continuations(checkpoint, data: dict, frames=65, steps=None, guidance=None, seed=0, videos=None,
+                           device="cpu", log=print, fvd=True, levels=None) -> dict:
     """Continue the first frame(s) of every video of a folder dataset (a run config's ``data``
     section) and compare the continuation with the real video: PSNR / SSIM per chunk, and FVD."""
-    guidance = guidance_for(checkpoint, guidance)
+    sampling = sampling_for(checkpoint, steps, levels, guidance)
+    steps, levels, guidance = sampling["steps"], sampling["levels"], sampling["guidance"]
     model = load_checkpoint(checkpoint, device=device)
     cfg = model.config
     if cfg.prefix_frames == 0 or cfg.in_channels != 3:
@@ -31,7 +32,8 @@ def evaluate_continuations(checkpoint, data: dict, frames=65, steps=20, guidance
     real = [ds.opening(v) for v in range(n)]
     gt = torch.stack([r["video"] for r in real])  # (n, 3, frames, H, W)
     p = cfg.prefix_frames
-    kw = dict(first_frames=gt[:, :, :p].to(device), steps=steps, seed=[seed + i for i in range(n)])
+    kw = dict(first_frames=gt[:, :, :p].to(device), steps=None if levels else steps, levels=levels,
+              seed=[seed + i for i in range(n)])
     if cfg.conditioning == "text":
         from ..text import get_text_encoder
 
@@ -42,5 +44,5 @@ def evaluate_continuations(checkpoint, data: dict, frames=65, steps=20, guidance
     report = fidelity(gen[:, :, p:], gt[:, :, p:], cfg.chunk_frames)
     report.update(videos=[r["path"] for r in real], captions=[r["caption"] for r in real], frames=frames,
                   given_frames=p, chunk_frames=cfg.chunk_frames,
-                  settings=dict(checkpoint=str(checkpoint), steps=steps, guidance=guidance, seed=seed))
+                  settings=dict(checkpoint=str(checkpoint), steps=steps, guidance=guidance, seed=seed, levels=levels))
     return add_fvd(report, gen[:, :, p:], gt[:, :, p:], cfg.chunk_frames, log) if fvd else report

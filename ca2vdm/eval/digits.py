@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from ..checkpoint import guidance_for, load_checkpoint, read_config
+from ..checkpoint import load_checkpoint, read_config, sampling_for
 from ..conditioning import Text
 from ..data import MovingDigits
 from ..generate import generate_video
@@ -26,14 +26,16 @@ def held_out_clips(checkpoint, model, videos: int, frames: int, seed: int) -> li
     return [clips[i] for i in range(videos)]
 
 
-def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=None, seed=1000, batch=8,
-                    device="cpu", log=print, fvd=True) -> dict:
+def evaluate_digits(checkpoint, videos=16, frames=128, steps=None, guidance=None, seed=1000, batch=8,
+                    device="cpu", log=print, fvd=True, levels=None) -> dict:
     """Generate ``videos`` videos from the captions of held-out moving-digits clips and measure them
     against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``),
-    and FVD (``fvd_report``) unless ``fvd=False``."""
+    and FVD (``fvd_report``) unless ``fvd=False``. steps / levels / guidance default to the
+    checkpoint's recommendation (``sampling_for``)."""
     from ..text import get_text_encoder
 
-    guidance = guidance_for(checkpoint, guidance)
+    sampling = sampling_for(checkpoint, steps, levels, guidance)
+    steps, levels, guidance = sampling["steps"], sampling["levels"], sampling["guidance"]
     model = load_checkpoint(checkpoint, device=device)
     items = held_out_clips(checkpoint, model, videos, frames, seed)
     enc = get_text_encoder("cpu")
@@ -41,7 +43,8 @@ def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=None, 
     for b in range(0, videos, batch):
         part = items[b:b + batch]
         prompt = Text(*enc.encode([it["caption"] for it in part]))
-        out.append(generate_video(model, frames, prompt=prompt, steps=steps, guidance=guidance,
+        out.append(generate_video(model, frames, prompt=prompt, steps=None if levels else steps, levels=levels,
+                                  guidance=guidance,
                                   seed=[seed + b + i for i in range(len(part))]).float().cpu())
         log(f"  generated {b + len(part)}/{videos} videos of {frames} frames ({time.perf_counter() - t0:.0f} s)")
     gen = torch.cat(out).clamp(-1, 1)
@@ -49,5 +52,5 @@ def evaluate_digits(checkpoint, videos=16, frames=128, steps=20, guidance=None, 
     report = digit_report(load_classifier(), gen, [it["digits"] for it in items], gt_videos,
                           chunk_frames=model.config.chunk_frames)
     report["settings"] = dict(checkpoint=str(checkpoint), videos=videos, frames=frames, steps=steps,
-                              guidance=guidance, seed=seed)
+                              guidance=guidance, seed=seed, levels=levels)
     return add_fvd(report, gen, gt_videos, model.config.chunk_frames, log) if fvd else report
