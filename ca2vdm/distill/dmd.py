@@ -1,0 +1,234 @@
+"""Distribution matching distillation (DMD; CausVid, Self-Forcing): a few-step generator learns to
+sample the teacher's distribution, guided by the difference of two scores on its own samples.
+
+One iteration (``DMD.step``), as in the papers' algorithm::
+
+    if iteration % ratio == 0:                         # the generator steps once every `ratio` iterations
+        x      <- generate()                           # with gradient
+        sigma  <- warped toward high noise, clamped;   x_t <- (1 - sigma) x + sigma eps
+        real   <- teacher's x0 prediction at x_t       # the real score (guided), no gradient
+        fake   <- critic's x0 prediction at x_t        # the fake score, no gradient
+        grad   <- (fake - real) / mean|x - real|       # normalised per sample (or per chunk)
+        loss_G <- 0.5 || x - stopgrad(x - grad) ||^2   # in float64; d loss_G / dx = grad
+    x' <- generate() without gradient (or the x above, detached)
+    loss_C <- the ordinary flow loss of the critic on x' at an independent sigma'
+    (separate Adam optimizers, betas (0, 0.999); gradient clipping; an EMA of the generator)
+
+Everything the problem defines is a function handed in (``DMDProblem``): how the generator samples,
+the real and fake x0 predictions, the critic's loss. The video problem (a causal student, the
+teacher's all-chunks forward) and the 2-D toy of the tests are both such problems. Every random
+draw of iteration i comes from generators seeded by (seed, i), so a run resumed at any iteration,
+also one that is not a multiple of ``ratio``, continues exactly as if it had not stopped.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ..diffusion import mix_seed
+from ..training.optim import EMA
+
+
+# --------------------------------------------------------------------------------------------
+# The DMD gradient
+# --------------------------------------------------------------------------------------------
+def dmd_levels(batch: int, generator: torch.Generator, shift: float = 5.0, low: float = 0.02,
+               high: float = 0.98) -> torch.Tensor:
+    """(batch,) float64 noise levels: uniform, warped toward high noise by the timestep shift,
+    clamped away from both ends (a level of 0 or 1 carries no score difference)."""
+    u = torch.rand(batch, generator=generator, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).clamp(low, high)
+
+
+def dmd_gradient(x: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor,
+                 chunk_frames: int | None = None) -> torch.Tensor:
+    """(fake - real) / mean|x - real|, the normaliser per sample over every dimension but the batch,
+    or, for videos (B, C, F, H, W) with ``chunk_frames``, per sample and chunk of frames (the
+    per-chunk normaliser a causal teacher suggests: each chunk's divergence has its own scale).
+    NaN and inf become 0 (a degenerate sample contributes nothing)."""
+    diff = (x - real_x0).abs()
+    if chunk_frames is None:
+        norm = diff.flatten(1).mean(1).view(-1, *([1] * (x.dim() - 1)))
+    else:
+        B, C, Fr = x.shape[:3]
+        if Fr % chunk_frames:
+            raise ValueError(f"{Fr} frames do not split into chunks of {chunk_frames}")
+        per = diff.view(B, C, Fr // chunk_frames, chunk_frames, *x.shape[3:]).mean(dim=(1, 3, 4, 5))  # (B, n)
+        norm = per.repeat_interleave(chunk_frames, dim=1)[:, None, :, None, None]
+    return torch.nan_to_num((fake_x0 - real_x0) / norm, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 || x - stopgrad(x - grad) ||^2 (mean), in float64: its gradient with respect to x is
+    grad / x.numel(), so the optimizer sees the score difference and nothing else."""
+    x64 = x.double()
+    return 0.5 * torch.nn.functional.mse_loss(x64, (x64 - grad.double()).detach())
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DMDConfig:
+    """Settings of a DMD run (defaults from CausVid and Self-Forcing where they apply)."""
+
+    ratio: int = 5                  # critic steps per generator step
+    generator_lr: float = 2e-6
+    critic_lr: float | None = None  # default generator_lr / 5
+    betas: tuple = (0.0, 0.999)
+    grad_clip: float = 10.0
+    ema_decay: float = 0.99
+    level_shift: float = 5.0        # warp of the DMD noise levels toward high noise
+    level_min: float = 0.02
+    level_max: float = 0.98
+    chunk_normaliser: bool = False  # normalise the gradient per chunk (videos) instead of per sample
+    seed: int = 0
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.ratio < 1:
+            raise ValueError(f"DMDConfig.ratio={self.ratio}: must be at least 1")
+        if self.critic_lr is None:
+            self.critic_lr = self.generator_lr / 5
+        if not 0 < self.level_min < self.level_max < 1:
+            raise ValueError(f"DMDConfig: need 0 < level_min < level_max < 1, got {self.level_min}, {self.level_max}")
+
+
+@dataclass
+class DMDProblem:
+    """What DMD is run on. Each function receives the iteration's ``torch.Generator`` where it draws.
+
+    generate(g, grad) -> x            the generator's samples (differentiable when grad is True)
+    real_x0(x_t, sigma) -> x0         the teacher's (guided) clean prediction; sigma (B,) float64
+    fake_x0(x_t, sigma) -> x0         the critic's clean prediction
+    critic_loss(x, g) -> loss         the critic's ordinary diffusion loss on detached samples x
+    chunk_frames                      frames per chunk, for the per-chunk normaliser (videos)
+    """
+
+    generate: Callable
+    real_x0: Callable
+    fake_x0: Callable
+    critic_loss: Callable
+    chunk_frames: int | None = None
+
+
+def _noised(x, sigma, g):
+    """x_t = (1 - sigma) x + sigma eps, sigma (B,) per sample."""
+    s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    eps = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype)
+    return (1 - s) * x + s * eps
+
+
+class DMD:
+    """A DMD run: generator, critic, their optimizers, the generator's EMA and the iteration count."""
+
+    def __init__(self, generator: nn.Module, critic: nn.Module, problem: DMDProblem, config: DMDConfig):
+        self.generator, self.critic, self.problem, self.config = generator, critic, problem, config
+        self.opt_g = torch.optim.Adam(generator.parameters(), lr=config.generator_lr, betas=config.betas)
+        self.opt_c = torch.optim.Adam(critic.parameters(), lr=config.critic_lr, betas=config.betas)
+        self.ema = EMA(generator, config.ema_decay)
+        self.iteration = 0
+
+    def _rng(self, stream: int) -> torch.Generator:
+        return torch.Generator().manual_seed(mix_seed(self.config.seed, self.iteration, stream))
+
+    def generator_step(self) -> dict:
+        """One DMD update of the generator (the real and fake scores only read)."""
+        cfg, prob = self.config, self.problem
+        g = self._rng(0)
+        x = prob.generate(g, True)
+        with torch.no_grad():
+            sigma = dmd_levels(x.shape[0], g, cfg.level_shift, cfg.level_min, cfg.level_max)
+            x_t = _noised(x.detach(), sigma, g)
+            real, fake = prob.real_x0(x_t, sigma), prob.fake_x0(x_t, sigma)
+            grad = dmd_gradient(x.detach(), real, fake, prob.chunk_frames if cfg.chunk_normaliser else None)
+        loss = dmd_loss(x, grad)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+        self.opt_g.step()
+        self.ema.update(self.generator, self.iteration // cfg.ratio)
+        return {"generator_loss": loss.item(), "generator_grad_norm": norm.item(), "x": x.detach()}
+
+    def critic_step(self, x: torch.Tensor | None = None) -> dict:
+        """One update of the critic by its diffusion loss on (detached) generator samples."""
+        g = self._rng(1)
+        if x is None:
+            with torch.no_grad():
+                x = self.problem.generate(g, False)
+        loss = self.problem.critic_loss(x.detach(), g)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"critic loss is {loss.item()} at iteration {self.iteration}")
+        self.opt_c.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.config.grad_clip)
+        self.opt_c.step()
+        return {"critic_loss": loss.item(), "critic_grad_norm": norm.item()}
+
+    def step(self) -> dict:
+        """One iteration: a generator update when due (every ``ratio`` iterations, from the first),
+        then a critic update (on that update's samples, detached, when there was one)."""
+        row, x = {"iteration": self.iteration + 1}, None
+        if self.iteration % self.config.ratio == 0:
+            out = self.generator_step()
+            x = out.pop("x")
+            row.update(out)
+        row.update(self.critic_step(x))
+        self.iteration += 1
+        return row
+
+    # -- resuming ------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a resume needs: both networks, the EMA, both optimizers' states."""
+        out = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
+        out |= {f"critic.{k}": v for k, v in self.critic.state_dict().items()}
+        out |= {f"ema.{k}": v for k, v in self.ema.shadow.items()}
+        for name, opt in (("opt_g", self.opt_g), ("opt_c", self.opt_c)):
+            for i, st in opt.state_dict()["state"].items():
+                out |= {f"{name}.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()}
+        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+    def save(self, path) -> None:
+        """Write the run to one safetensors file (config and iteration in its metadata), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"iteration": str(self.iteration), "config": json.dumps(asdict(self.config))}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(self.state_tensors(), tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, path) -> None:
+        """Resume from ``save``'s file: weights, EMA, optimizer moments and the iteration."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"cannot read the DMD state {path}: {e}") from e
+        if "iteration" not in meta:
+            raise ValueError(f"{path} is not a DMD state (no iteration in its metadata)")
+        pick = lambda p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")}  # noqa: E731
+        self.generator.load_state_dict(pick("generator"))
+        self.critic.load_state_dict(pick("critic"))
+        self.ema.shadow = {k: v.float().clone() for k, v in pick("ema").items()}
+        for name, opt in (("opt_g", self.opt_g), ("opt_c", self.opt_c)):
+            state = {}
+            for key, v in pick(name).items():
+                i, field = key.split(".", 1)
+                state.setdefault(int(i), {})[field] = v
+            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        self.iteration = int(meta["iteration"])
