@@ -136,7 +136,10 @@ class KVCache:
         m = self.prefix_len
         if m == 0:
             return None
-        return self.pk[block][:, :, :m].flatten(2, 3), self.pv[block][:, :, :m].flatten(2, 3)
+        k, v = self.pk[block][:, :, :m].flatten(2, 3), self.pv[block][:, :, :m].flatten(2, 3)
+        if torch.is_grad_enabled():  # autograd keeps what attention read: a copy, not the ring a later write reuses
+            k, v = k.clone(), v.clone()
+        return k, v
 
     def write_prefix(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Push the chunk's prefix K/V (B, H, q, S, d) into the R-slot ring (call after reading)."""

@@ -228,11 +228,11 @@ class StreamSession:
         self._t0 = time.perf_counter()
 
     @contextlib.contextmanager
-    def _network(self):
-        """no_grad (and autocast) around each network call."""
+    def _network(self, grad: bool = False):
+        """no_grad (and autocast) around each network call; ``grad``: autograd records it instead."""
         dev = self.model.device
         amp = torch.autocast(dev.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
-        with torch.no_grad(), amp:
+        with torch.set_grad_enabled(grad), amp:
             yield
 
     def _append(self, frames: torch.Tensor, chunk: int) -> None:
@@ -243,12 +243,15 @@ class StreamSession:
                                 device=model.device)
             level = torch.full((B, frames.shape[2]), self.context_noise, dtype=torch.float64, device=model.device)
             frames = model.diffusion.add_noise(frames, noise, level)
+        frames = frames.detach()  # a rollout's gradient never crosses into later chunks
         with self._network():
             self.engine.append(torch.cat([frames, frames]) if self.guided else frames)
         self.stats.write_calls += 1
 
-    def _denoise(self, k: int) -> torch.Tensor:
-        """Chunk k from its noise through every sampling step (the context is only read)."""
+    def _denoise(self, k: int, exit_step: int | None = None, grad: bool = False) -> torch.Tensor:
+        """Chunk k from its noise through the sampling steps (the context is only read). With
+        ``exit_step`` (few-step levels) the chunk is the x0 predicted at that step, and with ``grad``
+        that one step runs under autograd (the Self-Forcing rollout)."""
         model, cfg, sampler, sc = self.model, self.model.config, self.sampler, self.step_cache
         l, rows = cfg.chunk_frames, self.rows
         x = chunk_noise(self.seeds, k, (cfg.in_channels, l, *cfg.frame_size), dtype=model.dtype, device=model.device)
@@ -258,25 +261,28 @@ class StreamSession:
             before = sc.computed
         x0 = sampler.predicts_x0
         shape = (cfg.in_channels, l, *cfg.frame_size)
-        for i, tv in enumerate(sampler.timesteps):
+        steps = len(sampler) if exit_step is None else exit_step + 1
+        for i, tv in enumerate(sampler.timesteps[:steps]):
             xin = torch.cat([x, x]) if self.guided else x
             t = torch.full((rows, l), tv, dtype=torch.float64, device=model.device)
             if sc is not None:
                 sc.begin_step(i)
-            with self._network():
+            with self._network(grad and i == steps - 1):
                 pred = self.engine.denoise(xin, t, sc, x0=x0).to(model.dtype)
             self.stats.denoise_calls += 1
             if self.guided:  # linear in the prediction: the same in velocity, noise or x0 space
                 cond_pred, uncond_pred = pred.chunk(2)
                 pred = uncond_pred + self.guidance * (cond_pred - uncond_pred)
-            if x0:  # re-noise the x0 prediction to the next level with this step's own noise
+            if x0 and i == steps - 1:  # the exit: this x0 is the chunk
+                x = pred
+            elif x0:  # re-noise the x0 prediction to the next level with this step's own noise
                 last = i == len(sampler) - 1
                 noise = None if last else chunk_noise(self.seeds, k, shape, stream=2 + i, dtype=model.dtype,
                                                       device=model.device)
                 x = sampler.step(x, pred, i, noise)
             else:
                 x = sampler.step(x, pred, i)
-        row_steps = rows * len(sampler)
+        row_steps = rows * steps
         self.stats.steps_total += row_steps
         if sc is not None:
             sc.end_chunk()  # the write pass always runs the whole network
@@ -284,7 +290,8 @@ class StreamSession:
         self.stats.steps_computed += row_steps
         return x
 
-    def next_chunk(self, last: bool = False, frames: int | None = None) -> torch.Tensor:
+    def next_chunk(self, last: bool = False, frames: int | None = None, exit_step: int | None = None,
+                   grad: bool = False) -> torch.Tensor:
         """The next chunk (B, C, f, H, W): chunk 0 (the given first frames) first when the model
         takes them, then one generated chunk per call.
 
@@ -292,7 +299,19 @@ class StreamSession:
         after which the session has ended. frames: keep only the first ``frames`` of the chunk (a
         video's trimmed end; counted in ``stats.frames``). The session keeps no reference to what
         it returns.
+
+        exit_step, grad — the Self-Forcing rollout (few-step levels only): the chunk is the x0
+        predicted at step ``exit_step`` (earlier steps as usual, later ones skipped), and with
+        ``grad`` that step alone is recorded by autograd; the chunk is then written into the cache
+        detached, so gradients never cross chunks. At the last step it is exactly ``generate``'s chunk.
         """
+        if exit_step is not None:
+            if not self.sampler.predicts_x0:
+                raise ValueError("exit_step needs few-step levels (the chunk is an x0 prediction)")
+            if not 0 <= exit_step < len(self.sampler):
+                raise ValueError(f"exit_step must be in [0, {len(self.sampler)}), got {exit_step}")
+        if grad and (exit_step is None or self.step_cache is not None):
+            raise ValueError("grad=True needs an exit_step and no step cache (one differentiable step per chunk)")
         if self.ended:
             raise RuntimeError("this stream has ended: its last chunk was not written into the context")
         l = self.model.config.chunk_frames
@@ -307,7 +326,7 @@ class StreamSession:
             self.chunk = 1
             return first.clone()
         tc = time.perf_counter()
-        x = self._denoise(k)
+        x = self._denoise(k, exit_step, grad)
         if last:
             self.ended = True
         else:

@@ -100,3 +100,62 @@ def test_a_checkpoint_recommends_its_levels(tmp_path):
         sampling_for(tmp_path / "student", steps=3, levels=[1.0, 0.5])
     with pytest.raises(ValueError, match="start at 1"):
         export_checkpoint(tmp_path / "raw", tmp_path / "bad", levels=[0.5, 0.25])
+
+
+def _rollout(model, mode, exit_step, grad, chunks=5):
+    from ca2vdm import StreamSession
+
+    session = StreamSession(model, first_frames=torch.randn(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(4),
+                                                            dtype=torch.float64),
+                            labels=torch.tensor([0, 2]), levels=LEVELS, seed=[5, 6], mode=mode)
+    session.next_chunk()
+    return [session.next_chunk(exit_step=exit_step, grad=grad) for _ in range(chunks)], session
+
+
+def test_self_rollout_at_the_last_step_is_generate():
+    model = tiny_model(conditioning="class", num_classes=3, prediction="sample")
+    chunks, _ = _rollout(model, "shared", exit_step=len(LEVELS) - 1, grad=False)
+    video = generate_video(model, 11, first_frames=torch.randn(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(4),
+                                                               dtype=torch.float64),
+                           labels=torch.tensor([0, 2]), levels=LEVELS, seed=[5, 6])
+    assert torch.equal(torch.cat(chunks, dim=2), video[:, :, 1:])
+
+
+def test_self_rollout_gradients_flow_only_through_each_exit_step():
+    """Exit at step 1 of 4 in every chunk, 5 chunks through a 5-frame window (evictions): only the
+    exit step carries a gradient and the cache never does. The parameter gradients equal a
+    reference rebuilt by hand, chunk by chunk: a fresh cache written without gradient from the
+    rollout's own (detached) earlier chunks, step 0 without gradient, then step 1 under autograd."""
+    model = tiny_model(conditioning="class", num_classes=3, prediction="sample", prefix_enhance=True)
+    chunks, session = _rollout(model, "shared", exit_step=1, grad=True)
+    assert all(c.requires_grad for c in chunks)
+    cache = session.engine.cache
+    assert cache.frames_written == 11 and not any(t.requires_grad for t in cache.k + cache.v + cache.pk)
+    model.zero_grad()
+    sum((c ** 2).mean() for c in chunks).backward()
+    rollout = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    nograd, _ = _rollout(model, "shared", exit_step=1, grad=False)
+    assert torch.equal(torch.cat(nograd, 2), torch.cat(chunks, 2).detach())  # autograd changes no value
+
+    first = torch.randn(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    context = [first] + [c.detach() for c in chunks]
+    cond, shape, loss = model.condition(2, labels=torch.tensor([0, 2])), (3, 2, 8, 8), 0.0
+    for k in range(1, 6):
+        fresh = model.new_cache(2)
+        with torch.no_grad():
+            for c in context[:k]:
+                model.forward_cached(c, torch.zeros(2, c.shape[2], dtype=torch.float64), fresh, cond, write=True)
+            x = chunk_noise([5, 6], k, shape, dtype=torch.float64)
+            x0 = model.forward_cached(x, torch.full((2, 2), 1000.0, dtype=torch.float64), fresh, cond, x0=True)
+            x = (1 - LEVELS[1]) * x0 + LEVELS[1] * chunk_noise([5, 6], k, shape, stream=2, dtype=torch.float64)
+        out = model.forward_cached(x, torch.full((2, 2), LEVELS[1] * 1000, dtype=torch.float64), fresh, cond, x0=True)
+        assert torch.equal(out.detach(), chunks[k - 1].detach())
+        loss = loss + (out ** 2).mean()
+    model.zero_grad()
+    loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert rollout.keys() == reference.keys() and len(rollout) > 10
+    for name, g in reference.items():
+        assert (rollout[name] - g).abs().max().item() <= 1e-12 * max(1.0, g.abs().max().item()), name
+    with pytest.raises(ValueError, match="exit_step"):
+        _rollout(model, "shared", exit_step=None, grad=True, chunks=1)
