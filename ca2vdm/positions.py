@@ -33,17 +33,26 @@ def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
 
 
 class CyclicTPE(torch.nn.Module):
-    """Cyclic temporal position embedding: frame n -> row (n + shift) mod length of a sin-cos table."""
+    """Cyclic temporal position embedding: frame n -> row (n + shift) mod length of a sin-cos table.
+
+    The table is stored twice over (2L rows), so the rows of any run of at most L consecutive frames
+    are one contiguous slice: a cached step reads its positions as a view, with no index built,
+    no kernel and no host-to-device copy."""
 
     def __init__(self, length: int, dim: int):
         super().__init__()
         self.length = length
         self.register_buffer("table", sincos_1d(torch.arange(length), dim).float(), persistent=False)
+        self.register_buffer("doubled", torch.cat([self.table, self.table]), persistent=False)
 
-    def forward(self, frames: range, shift: int = 0) -> torch.Tensor:
-        """Rows for absolute frame indices ``frames`` -> (F, dim). ``shift`` is a host integer."""
-        rows = [(n + shift) % self.length for n in frames]
-        return self.table[rows]
+    def forward(self, frames, shift: int = 0) -> torch.Tensor:
+        """Rows for absolute frame indices ``frames`` (a range, or any sequence) -> (F, dim).
+        ``shift`` is a host integer."""
+        if isinstance(frames, range) and frames.step == 1 and len(frames) <= self.length:
+            s = (frames.start + shift) % self.length
+            return self.doubled[s:s + len(frames)]
+        rows = torch.as_tensor([(n + shift) % self.length for n in frames], device=self.table.device)
+        return self.table.index_select(0, rows)
 
 
 class RoPE(torch.nn.Module):
@@ -53,14 +62,22 @@ class RoPE(torch.nn.Module):
         super().__init__()
         assert head_dim % 2 == 0
         self.head_dim, self.base = head_dim, base
-        # A buffer would be cast by model.to(dtype); the frequencies stay float64 on the host instead.
+        # A buffer would be cast by model.to(dtype); the frequencies stay float64, one copy per device.
         self.inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        self._on_device = {}
 
     def angles(self, frames, dtype: torch.dtype, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin), each (F, head_dim/2), for absolute frame indices; float64 math, then cast."""
-        pos = torch.tensor(list(frames), dtype=torch.float64)
-        ang = pos[:, None] * self.inv_freq[None, :]  # (F, d/2), float64
-        return torch.cos(ang).to(device=device, dtype=dtype), torch.sin(ang).to(device=device, dtype=dtype)
+        """(cos, sin), each (F, head_dim/2), for absolute frame indices; float64 math, then cast.
+        A range of frames (every cached step) is made on the device itself: no host-to-device copy."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device not in self._on_device:
+            self._on_device[device] = self.inv_freq.to(device)
+        if isinstance(frames, range):
+            pos = torch.arange(frames.start, frames.stop, frames.step, dtype=torch.float64, device=device)
+        else:
+            pos = torch.tensor(list(frames), dtype=torch.float64, device=device)
+        ang = pos[:, None] * self._on_device[device][None, :]  # (F, d/2), float64
+        return torch.cos(ang).to(dtype), torch.sin(ang).to(dtype)
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -262,6 +262,9 @@ class StreamSession:
         x0 = sampler.predicts_x0
         shape = (cfg.in_channels, l, *cfg.frame_size)
         steps = len(sampler) if exit_step is None else exit_step + 1
+        if x0 and steps > 1:  # every re-noising draw of the chunk, drawn on the host, sent in one copy
+            renoise = torch.stack([chunk_noise(self.seeds, k, shape, stream=2 + i) for i in range(steps - 1)])
+            renoise = renoise.to(device=model.device, dtype=model.dtype)
         for i, tv in enumerate(sampler.timesteps[:steps]):
             xin = torch.cat([x, x]) if self.guided else x
             t = torch.full((rows, l), tv, dtype=torch.float64, device=model.device)
@@ -276,10 +279,7 @@ class StreamSession:
             if x0 and i == steps - 1:  # the exit: this x0 is the chunk
                 x = pred
             elif x0:  # re-noise the x0 prediction to the next level with this step's own noise
-                last = i == len(sampler) - 1
-                noise = None if last else chunk_noise(self.seeds, k, shape, stream=2 + i, dtype=model.dtype,
-                                                      device=model.device)
-                x = sampler.step(x, pred, i, noise)
+                x = sampler.step(x, pred, i, renoise[i])
             else:
                 x = sampler.step(x, pred, i)
         row_steps = rows * steps

@@ -26,14 +26,28 @@ import contextlib
 from fractions import Fraction
 from pathlib import Path
 
-import av
-import av.filter
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 FORMATS = (".mp4", ".gif")
+
+
+class _PyAV:
+    """PyAV, imported on first use, so that everything that never touches a video file (a CUDA
+    check, a benchmark, training on pre-encoded latents) runs where PyAV is not installed."""
+
+    def __getattr__(self, name):
+        try:
+            import av
+            import av.filter  # noqa: F401  (a submodule the writer uses)
+        except ImportError as e:
+            raise ImportError("reading or writing video files needs PyAV: pip install av") from e
+        return getattr(av, name)
+
+
+av = _PyAV()
 
 
 def to_uint8(frames: Tensor) -> np.ndarray:

@@ -55,3 +55,29 @@ def test_cuda_resume_keeps_adamw_steps_on_the_cpu(tmp_path):
     for st in resumed.opt.state.values():
         assert st["exp_avg"].is_cuda and st["step"].device.type == "cpu"
     resumed.train_step()
+
+
+@pytest.mark.parametrize("positions", ["cyclic", "rope"])
+def test_cuda_cached_step_and_write_never_sync(positions):
+    """A cached denoising step and a write pass under sync-debug mode "error": any host sync raises."""
+    model = tiny_model(positions=positions, conditioning="text", text_dim=16, prefix_enhance=True).cuda()
+    text = random_text(2, 5, 16)
+    cond = model.condition(2, type(text)(text.states.cuda(), text.mask.cuda()))
+    cache = model.new_cache(2)
+    x1, x = torch.randn(2, 3, 1, 8, 8, device="cuda", dtype=torch.float64), torch.randn(2, 3, 2, 8, 8, device="cuda",
+                                                                                        dtype=torch.float64)
+    zeros1, zeros, t = (torch.zeros(2, 1, device="cuda", dtype=torch.float64),
+                        torch.zeros(2, 2, device="cuda", dtype=torch.float64),
+                        torch.full((2, 2), 500.0, device="cuda", dtype=torch.float64))
+    with torch.no_grad():
+        model.forward_cached(x1, zeros1, cache, cond, write=True)
+        model.forward_cached(x, t, cache, cond)  # warm-up: lazy per-device state is made once
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(4):
+                model.forward_cached(x, t, cache, cond)
+                model.forward_cached(x, zeros, cache, cond, write=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert cache.frames_written == 9
