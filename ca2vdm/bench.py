@@ -140,6 +140,108 @@ def run_single_calls(config: dict, mode: str, frames: int, steps: int, device: s
     return record
 
 
+def _op_seconds(fn, repeat: int) -> float:
+    """Mean seconds per call spent inside ATen operators (the profiler's self CPU time of every
+    ``aten::`` op): compute plus the ops' own dispatch; a call's wall time beyond it is Python."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeat):
+            fn()
+    us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key.startswith("aten::"))
+    return us / 1e6 / repeat
+
+
+def linear_fit(xs, ys) -> tuple[float, float]:
+    """Least-squares (intercept, slope) of ys against xs."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var == 0:
+        raise ValueError("a fit needs at least two different x values")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+    return my - slope * mx, slope
+
+
+def call_latency(model: CausalVideoDiT, batches=(1, 2, 4, 8, 16), repeat: int = 20, text_tokens: int = 12) -> dict:
+    """Per-call time of a cached denoising step and of a write pass, window full, at each batch size.
+
+    Each is the median of ``repeat`` timed calls after warm-up. The fit time(B) = overhead + B x per_row
+    (least squares over the batches) separates what does not grow with the batch — Python, dispatch
+    and launch cost — from compute; ``overhead_share_b1`` is overhead / time(1). A text model gets
+    random prompt states of ``text_tokens`` tokens (no text encoder needed)."""
+    from .conditioning import Text
+
+    cfg, dev, dt = model.config, model.device, model.dtype
+    l = cfg.chunk_frames
+    rows = {}
+    for B in batches:
+        text = Text(torch.randn(B, text_tokens, cfg.text_dim, device=dev, dtype=dt)) if cfg.conditioning == "text" else None
+        labels = torch.zeros(B, dtype=torch.long) if cfg.conditioning == "class" else None
+        with torch.no_grad():
+            cond = model.condition(B, text, labels)
+            cache = model.new_cache(B)
+            if cfg.prefix_frames:
+                model.forward_cached(torch.randn(B, cfg.in_channels, cfg.prefix_frames, *cfg.frame_size, device=dev,
+                                                 dtype=dt), torch.zeros(B, cfg.prefix_frames, dtype=torch.float64,
+                                                                        device=dev), cache, cond, write=True)
+            x = torch.randn(B, cfg.in_channels, l, *cfg.frame_size, device=dev, dtype=dt)
+            t, zeros = (torch.full((B, l), 500.0, dtype=torch.float64, device=dev),
+                        torch.zeros(B, l, dtype=torch.float64, device=dev))
+            while cache.frames_written < cfg.max_context_frames + l:  # a full window that has slid
+                model.forward_cached(x, zeros, cache, cond, write=True)
+            start = cache.frames_written
+
+            def step():
+                model.forward_cached(x, t, cache, cond)
+
+            def write():
+                cache.frames_written = start
+                model.forward_cached(x, zeros, cache, cond, write=True)
+
+            timings = {}
+            for name, fn in (("denoise", step), ("write", write)):
+                for _ in range(3):
+                    fn()
+                seconds = []
+                for _ in range(repeat):
+                    _sync(dev.type)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(dev.type)
+                    seconds.append(time.perf_counter() - t0)
+                timings[name] = sorted(seconds)[len(seconds) // 2]
+                if B == batches[0] and dev.type == "cpu":
+                    timings[name + "_ops"] = _op_seconds(fn, repeat)
+        rows[B] = timings
+    out = {"batches": list(batches), "repeat": repeat, "calls": {}}
+    for name in ("denoise", "write"):
+        ys = [rows[B][name] for B in batches]
+        overhead, slope = linear_fit(batches, ys)
+        out["calls"][name] = dict(seconds=ys, per_row_seconds=slope, overhead_seconds=overhead,
+                                  overhead_share_b1=overhead / ys[0] if batches[0] == 1 else None)
+        ops = rows[batches[0]].get(name + "_ops")
+        if ops is not None:  # what the profiler sees inside ATen ops, per call; the rest is Python
+            out["calls"][name].update(op_seconds_b1=ops, python_seconds_b1=max(0.0, ys[0] - ops),
+                                      python_share_b1=max(0.0, ys[0] - ops) / ys[0])
+    return out
+
+
+def format_call_latency(result: dict) -> str:
+    lines = [f"{'call':<9}" + "".join(f"{'B=' + str(b):>10}" for b in result["batches"])
+             + f"{'overhead':>11}{'per row':>10}{'overhead at B=1':>17}"]
+    for name, r in result["calls"].items():
+        share = r["overhead_share_b1"]
+        lines.append(f"{name:<9}" + "".join(f"{s * 1e3:>8.2f}ms" for s in r["seconds"])
+                     + f"{r['overhead_seconds'] * 1e3:>9.2f}ms{r['per_row_seconds'] * 1e3:>8.2f}ms"
+                     + (f"{share:>17.0%}" if share is not None else f"{'':>17}"))
+    lines.append("overhead and per row: the least-squares fit time(B) = overhead + B x per row over the batches")
+    for name, r in result["calls"].items():
+        if "python_seconds_b1" in r:
+            lines.append(f"{name} at B=1: {r['op_seconds_b1'] * 1e3:.2f} ms inside ATen ops (profiler), "
+                         f"{r['python_seconds_b1'] * 1e3:.2f} ms Python around them ({r['python_share_b1']:.0%})")
+    return "\n".join(lines)
+
+
 def _worker(queue, fn, *args):
     try:
         queue.put(("ok", fn(*args)))

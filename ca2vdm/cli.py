@@ -38,7 +38,24 @@ def _save(report: dict, json_path=None, plot_path=None, plot=None):
 
 
 def _bench(args):
-    from .bench import PRESETS, benchmark, format_table, plot_benchmark
+    from .bench import PRESETS, benchmark, call_latency, format_call_latency, format_table, plot_benchmark
+
+    if args.calls:
+        import torch
+
+        from .checkpoint import load_checkpoint
+
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but CUDA is not available on this machine")
+        model = load_checkpoint(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+        print(f"per-call latency of {args.checkpoint} ({args.dtype}, {args.device}, "
+              f"{torch.get_num_threads()} threads): a cached denoising step and a write pass, window full")
+        result = dict(checkpoint=str(args.checkpoint), dtype=args.dtype, **call_latency(model))
+        from .bench import device_name
+        result["device"] = device_name(args.device)
+        print(format_call_latency(result))
+        _save(result, args.json)
+        return
 
     need = PRESETS[args.preset]["prefix_frames"] + PRESETS[args.preset]["chunk_frames"]
     if args.frames < need:
@@ -322,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run recompute-full (quadratic) on at most this many frames")
     b.add_argument("--full", action="store_true",
                    help="paper preset on CPU: generate the whole video instead of timing single calls")
+    b.add_argument("--calls", action="store_true",
+                   help="instead: per-call latency of a checkpoint's cached step and write pass at batch 1-16, "
+                        "with the overhead that does not grow with the batch separated from compute")
+    b.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="with --calls (default: the shipped model)")
     b.add_argument("--json", help="also write the result as JSON to this file")
     b.add_argument("--plot", help="also write a PNG: time per step vs step, cumulative time vs frames")
     b.set_defaults(func=_bench)

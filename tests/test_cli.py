@@ -291,3 +291,19 @@ def test_a_student_checkpoint_samples_with_its_levels(text_checkpoint, tmp_path)
     assert "sampling: levels 1, 0.75, 0.5, guidance 1" in r.stdout and "6 denoising forwards" in r.stdout
     r = ca2vdm("generate", "--checkpoint", tmp_path / "s", "--frames", 4, "--prompt", "a 1", "--levels", "1,x")
     assert r.returncode != 0 and "comma-separated numbers" in r.stderr
+
+
+def test_bench_calls_separates_overhead_from_compute(text_checkpoint, tmp_path):
+    from ca2vdm.bench import linear_fit
+
+    assert linear_fit([1, 2, 4, 8], [5.0, 7.0, 11.0, 19.0]) == pytest.approx((3.0, 2.0))
+    with pytest.raises(ValueError, match="two different"):
+        linear_fit([2, 2], [1.0, 3.0])
+    js = tmp_path / "calls.json"
+    r = ca2vdm("bench", "--calls", "--checkpoint", text_checkpoint, "--json", js)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(js.read_text())
+    assert result["batches"] == [1, 2, 4, 8, 16] and set(result["calls"]) == {"denoise", "write"}
+    for call in result["calls"].values():
+        assert len(call["seconds"]) == 5 and all(s > 0 for s in call["seconds"])
+    assert "overhead at B=1" in r.stdout
