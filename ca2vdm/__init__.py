@@ -2,8 +2,8 @@
 
 The public API at the top level; every concept lives in the module named after it (see
 docs/ARCHITECTURE.md): ``config``, ``layout``, ``cache``, ``positions``, ``diffusion``, ``layers``,
-``conditioning``, ``model``, ``stepcache``, ``stream``, ``generate``, ``training``, ``metrics``,
-``eval``, ``bench``.
+``conditioning``, ``model``, ``stepcache``, ``stream``, ``generate``, ``training``, ``distill``,
+``metrics``, ``eval``, ``bench``.
 """
 
 from .cache import KVCache

@@ -24,8 +24,9 @@ Modes (``MODES``), over the same weights:
   scratch; its oldest frames forget what they saw before, so it departs from ``shared`` after
   the first eviction, by design.
 
-Noise: one generator per (seed, sample, chunk), drawn in float32 on the CPU and cast, so every
-mode, device and dtype sees the same numbers. Memory in ``shared`` mode is flat in the number of
+Noise: one generator per (seed, sample, chunk, stream) — stream 0 the chunk's starting noise, 1
+context noise, 2 + i the few-step re-noising after step i — drawn in float32 on the CPU and cast,
+so every mode, device and dtype sees the same numbers. Memory in ``shared`` mode is flat in the number of
 frames: nothing but the fixed-size cache survives a chunk.
 """
 
