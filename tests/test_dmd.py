@@ -83,7 +83,10 @@ def teacher_critic_state():
     return {k: v.clone() for k, v in critic.state_dict().items()}
 
 
-def toy(seed=0, frozen_critic=False, lr=2e-3):
+ITERATIONS = 5000
+
+
+def toy(seed=0, frozen_critic=False, lr=6e-3):
     """A one-step generator collapsed at the origin, a critic initialised as the teacher, DMD on
     groups of points."""
     torch.manual_seed(seed)
@@ -100,7 +103,7 @@ def toy(seed=0, frozen_critic=False, lr=2e-3):
                          real_x0=flat(real_x0), fake_x0=flat(critic),
                          critic_loss=lambda x, g: critic.loss(x.reshape(-1, 2), g))
     cfg = DMDConfig(ratio=5, generator_lr=lr, critic_lr=0.0 if frozen_critic else lr, level_shift=1.0, seed=seed,
-                    ema_decay=0.99)
+                    ema_decay=0.99, decay_iterations=ITERATIONS, min_lr_ratio=0.02)
     return DMD(gen, critic, problem, cfg)
 
 
@@ -132,26 +135,26 @@ def trained():
     runs = {}
     for frozen in (False, True):
         dmd = toy(frozen_critic=frozen)
-        for _ in range(4000):
+        for _ in range(ITERATIONS):
             dmd.step()
         runs[frozen] = dmd
     return runs
 
 
 def test_dmd_spreads_a_collapsed_generator_over_every_mode(trained):
-    """Every mode holds 12.5% +- 5% of the samples and >= 90% lie within 3 std of a mode. (The issue's
-    third bar, a sliced-Wasserstein distance <= 2x that of two sample sets of the mixture itself, is
-    not met yet: 0.12 against 0.10 here; it is reported in the figures, not asserted.)"""
+    """Every mode holds 12.5% +- 5% of the samples, >= 90% lie within 3 std of a mode, and the
+    sliced-Wasserstein distance to the mixture is at most 2x that between two sample sets of the
+    mixture itself."""
     shares, within, sw, sw_ref = measure(ema_generator(trained[False]))
     assert ((shares - 1 / K).abs() <= 0.05).all(), shares
     assert within >= 0.90, within
-    assert sw <= 3 * sw_ref, (sw, sw_ref)  # far from the collapsed start (~1.4): the distribution moved
+    assert sw <= 2 * sw_ref, (sw, sw_ref)
 
 
 def test_with_the_critic_frozen_it_does_not(trained):
     """The critic is what DMD learns from: frozen at the teacher, fake = real and nothing moves."""
     shares, within, sw, sw_ref = measure(ema_generator(trained[True]))
-    assert (shares - 1 / K).abs().max() > 0.05 and within < 0.90 and sw > 3 * sw_ref
+    assert (shares - 1 / K).abs().max() > 0.05 and within < 0.90 and sw > 2 * sw_ref
 
 
 def test_resuming_between_generator_steps_is_exact(tmp_path):

@@ -22,6 +22,7 @@ also one that is not a multiple of ``ratio``, continues exactly as if it had not
 """
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -89,6 +90,8 @@ class DMDConfig:
     level_min: float = 0.02
     level_max: float = 0.98
     chunk_normaliser: bool = False  # normalise the gradient per chunk (videos) instead of per sample
+    decay_iterations: int = 0       # > 0: both learning rates follow a cosine to min_lr_ratio over these
+    min_lr_ratio: float = 0.1
     seed: int = 0
 
     def __post_init__(self):
@@ -97,6 +100,8 @@ class DMDConfig:
             raise ValueError(f"DMDConfig.ratio={self.ratio}: must be at least 1")
         if self.critic_lr is None:
             self.critic_lr = self.generator_lr / 5
+        if self.decay_iterations < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("DMDConfig: decay_iterations must be >= 0 and min_lr_ratio in [0, 1]")
         if not 0 < self.level_min < self.level_max < 1:
             raise ValueError(f"DMDConfig: need 0 < level_min < level_max < 1, got {self.level_min}, {self.level_max}")
 
@@ -172,10 +177,23 @@ class DMD:
         self.opt_c.step()
         return {"critic_loss": loss.item(), "critic_grad_norm": norm.item()}
 
+    def lr_factor(self) -> float:
+        """The learning-rate multiplier at this iteration (1 without decay): a function of the
+        iteration alone, so a resumed run follows the same schedule."""
+        cfg = self.config
+        if not cfg.decay_iterations:
+            return 1.0
+        progress = min(1.0, self.iteration / cfg.decay_iterations)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     def step(self) -> dict:
         """One iteration: a generator update when due (every ``ratio`` iterations, from the first),
         then a critic update (on that update's samples, detached, when there was one)."""
-        row, x = {"iteration": self.iteration + 1}, None
+        f = self.lr_factor()
+        for opt, lr in ((self.opt_g, self.config.generator_lr), (self.opt_c, self.config.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * f
+        row, x = {"iteration": self.iteration + 1, "lr_factor": f}, None
         if self.iteration % self.config.ratio == 0:
             out = self.generator_step()
             x = out.pop("x")
