@@ -25,8 +25,7 @@ class KVCache:
     ``advance``); every denoising step of the next chunks reads it. With classifier-free guidance
     the batch is 2B: the unconditional branch has its own half of every buffer and is written by
     the same pass. Under autograd (a training rollout through the cache) every write is out of
-    place, so gradients flow through any number of chunks and evictions (``differentiable``);
-    ``detach_`` cuts them.
+    place, so gradients flow through any number of chunks and evictions (``differentiable``).
     """
 
     def __init__(self, layout: ChunkLayout, depth: int, batch: int, tokens: int, heads: int,
@@ -46,14 +45,6 @@ class KVCache:
         self.pv = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(depth)] if prefix_enhance_frames else []
         self.frames_written = 0  # host integer: clean frames written so far (absolute index of the next)
         self._staged = {}        # block -> the chunk's (k, v), staged out of place under autograd
-
-    def detach_(self) -> "KVCache":
-        """Cut the autograd graph at the cached K/V (a rollout's gradient stops at earlier chunks)."""
-        for bufs in (self.k, self.v, self.pk, self.pv):
-            for i, t in enumerate(bufs):
-                bufs[i] = t.detach()
-        self._staged.clear()
-        return self
 
     # -- bookkeeping (host integers only) ------------------------------------------------------
     @property
@@ -88,18 +79,19 @@ class KVCache:
         return CacheRows(self, rows)
 
     # -- temporal K/V ------------------------------------------------------------------------
-    def differentiable(self, block: int) -> bool:
-        """Whether this block's cache must be written out of place: autograd is recording, or the
-        buffer already carries a graph. In-place ``copy_`` into the preallocated buffers (the fast
-        path of generation) would overwrite tensors that a later backward needs."""
-        return torch.is_grad_enabled() or self.k[block].requires_grad
+    @staticmethod
+    def differentiable(buf: torch.Tensor) -> bool:
+        """Whether a cache buffer must be written out of place: autograd is recording, or the buffer
+        already carries a graph. In-place ``copy_`` into the preallocated buffers (the fast path of
+        generation) would overwrite tensors that a later backward needs."""
+        return torch.is_grad_enabled() or buf.requires_grad
 
     def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Put the chunk's K/V (B, S, H, q, d) after the valid window; return the (B, S, H, n+q, d) view.
         Out of place under autograd: the window and the chunk's K/V concatenated, the K/V kept for
         ``commit``."""
         n, q = self.window_len, k.shape[3]
-        if self.differentiable(block):
+        if self.differentiable(self.k[block]):
             self._staged[block] = (k, v)
             return (torch.cat([self.k[block][:, :, :, :n], k.to(self.dtype)], dim=3),
                     torch.cat([self.v[block][:, :, :, :n], v.to(self.dtype)], dim=3))
@@ -145,7 +137,7 @@ class KVCache:
         """Push the chunk's prefix K/V (B, H, q, S, d) into the R-slot ring (call after reading)."""
         q, cap, c = k.shape[2], self.prefix_capacity, self.frames_written
         first = max(0, q - cap)
-        if torch.is_grad_enabled() or self.pk[block].requires_grad:  # out of place, as in ``commit``
+        if self.differentiable(self.pk[block]):  # out of place, as in ``commit``
             self.pk[block], self.pv[block] = self.pk[block].clone(), self.pv[block].clone()
         for src, dst, length in _ring_runs(first, (c + first) % cap, q - first, cap):
             self.pk[block][:, :, dst:dst + length] = k[:, :, src:src + length]

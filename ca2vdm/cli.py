@@ -38,7 +38,7 @@ def _save(report: dict, json_path=None, plot_path=None, plot=None):
 
 
 def _bench(args):
-    from .bench import PRESETS, benchmark, call_latency, format_call_latency, format_table, plot_benchmark
+    from .bench import PRESETS, benchmark, call_latency, device_name, format_call_latency, format_table, plot_benchmark
 
     if args.calls:
         import torch
@@ -50,9 +50,8 @@ def _bench(args):
         model = load_checkpoint(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
         print(f"per-call latency of {args.checkpoint} ({args.dtype}, {args.device}, "
               f"{torch.get_num_threads()} threads): a cached denoising step and a write pass, window full")
-        result = dict(checkpoint=str(args.checkpoint), dtype=args.dtype, **call_latency(model))
-        from .bench import device_name
-        result["device"] = device_name(args.device)
+        result = dict(checkpoint=str(args.checkpoint), dtype=args.dtype, device=device_name(args.device),
+                      **call_latency(model))
         print(format_call_latency(result))
         _save(result, args.json)
         return

@@ -165,7 +165,7 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
     t0 = time.perf_counter()
     try:
         for chunk in generate(model, frames, first_frames=first, prompt=prompt, negative_prompt=neg, labels=labels,
-                              steps=None if levels else steps, levels=levels, guidance=guidance, seed=seed,
+                              steps=steps, levels=levels, guidance=guidance, seed=seed,
                               mode=cache, batch=batch, step_cache=step_cache or None, stats=stats):
             video = autoencoder.decode(chunk.float()).clamp(-1, 1).cpu()
             for group in writers:

@@ -32,7 +32,7 @@ def evaluate_continuations(checkpoint, data: dict, frames=65, steps=None, guidan
     real = [ds.opening(v) for v in range(n)]
     gt = torch.stack([r["video"] for r in real])  # (n, 3, frames, H, W)
     p = cfg.prefix_frames
-    kw = dict(first_frames=gt[:, :, :p].to(device), steps=None if levels else steps, levels=levels,
+    kw = dict(first_frames=gt[:, :, :p].to(device), steps=steps, levels=levels,
               seed=[seed + i for i in range(n)])
     if cfg.conditioning == "text":
         from ..text import get_text_encoder

@@ -43,8 +43,7 @@ def evaluate_digits(checkpoint, videos=16, frames=128, steps=None, guidance=None
     for b in range(0, videos, batch):
         part = items[b:b + batch]
         prompt = Text(*enc.encode([it["caption"] for it in part]))
-        out.append(generate_video(model, frames, prompt=prompt, steps=None if levels else steps, levels=levels,
-                                  guidance=guidance,
+        out.append(generate_video(model, frames, prompt=prompt, steps=steps, levels=levels, guidance=guidance,
                                   seed=[seed + b + i for i in range(len(part))]).float().cpu())
         log(f"  generated {b + len(part)}/{videos} videos of {frames} frames ({time.perf_counter() - t0:.0f} s)")
     gen = torch.cat(out).clamp(-1, 1)
