@@ -34,7 +34,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..diffusion import mix_seed
-from ..training.optim import EMA
+from ..training.optim import EMA, load_optimizer, optimizer_tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,9 +208,8 @@ class DMD:
         out = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
         out |= {f"critic.{k}": v for k, v in self.critic.state_dict().items()}
         out |= {f"ema.{k}": v for k, v in self.ema.shadow.items()}
-        for name, opt in (("opt_g", self.opt_g), ("opt_c", self.opt_c)):
-            for i, st in opt.state_dict()["state"].items():
-                out |= {f"{name}.{i}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in st.items()}
+        out |= optimizer_tensors(self.opt_g, self.generator, "opt_g")
+        out |= optimizer_tensors(self.opt_c, self.critic, "opt_c")
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
     def save(self, path) -> None:
@@ -243,10 +242,6 @@ class DMD:
         self.generator.load_state_dict(pick("generator"))
         self.critic.load_state_dict(pick("critic"))
         self.ema.shadow = {k: v.float().clone() for k, v in pick("ema").items()}
-        for name, opt in (("opt_g", self.opt_g), ("opt_c", self.opt_c)):
-            state = {}
-            for key, v in pick(name).items():
-                i, field = key.split(".", 1)
-                state.setdefault(int(i), {})[field] = v
-            opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        load_optimizer(self.opt_g, self.generator, tensors, "opt_g", path)
+        load_optimizer(self.opt_c, self.critic, tensors, "opt_c", path)
         self.iteration = int(meta["iteration"])

@@ -1,10 +1,34 @@
-"""Optimisation helpers: the EMA of the weights and the learning-rate schedule."""
+"""Optimisation helpers: the EMA of the weights, the learning-rate schedule, and an optimizer's
+state as named tensors (for safetensors files) and back."""
 
 import math
 
 import torch
 
 from .config import TrainConfig
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Every moment and step counter of ``opt`` (built over ``module.parameters()``) as
+    ``{prefix}.{parameter name}.{field}``."""
+    names = {p: n for n, p in module.named_parameters()}
+    return {f"{prefix}.{names[p]}.{k}": v if torch.is_tensor(v) else torch.tensor(v)
+            for p, st in opt.state.items() for k, v in st.items()}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, module: torch.nn.Module, tensors: dict, prefix: str, source) -> None:
+    """Restore what ``optimizer_tensors`` wrote, through the optimizer's own ``load_state_dict``: it
+    places every moment beside its parameter and keeps the step counters where the optimizer wants
+    them (AdamW: on the CPU unless capturable / fused). A name ``module`` lacks is a ``ValueError``."""
+    index = {n: i for i, (n, _) in enumerate(module.named_parameters())}
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            name, field = key[len(prefix) + 1:].rsplit(".", 1)
+            if name not in index:
+                raise ValueError(f"{source}: optimizer state for unknown parameter {name}")
+            state.setdefault(index[name], {})[field] = v
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
 class EMA:

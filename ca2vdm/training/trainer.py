@@ -25,7 +25,7 @@ from ..diffusion import mix_seed
 from ..model import CausalVideoDiT
 from .config import TrainConfig
 from .losses import Draws, Objective, clip_frames, prefix_choices
-from .optim import EMA, lr_at
+from .optim import EMA, load_optimizer, lr_at, optimizer_tensors
 
 
 class TextCache:
@@ -197,10 +197,7 @@ class Trainer:
         """EMA weights as the model (for generation); raw weights and optimizer moments to resume."""
         ema_model = self.ema_model()
         tensors = {f"raw.{k}": v for k, v in self.model.state_dict().items()}
-        names = {p: n for n, p in self.model.named_parameters()}
-        for p, st in self.opt.state.items():
-            for k, v in st.items():
-                tensors[f"opt.{names[p]}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors |= optimizer_tensors(self.opt, self.model, "opt")
         meta = dict(train=_jsonable(asdict(self.tc)), step=self.step, **self.extra_meta)
         save_checkpoint(path, ema_model, meta, tensors)
 
@@ -222,17 +219,10 @@ class Trainer:
         raw = {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}
         load_state(self.model, raw, Path(path) / "train.safetensors")
         self.ema.shadow = {k: ema_state[k].float().clone() for k in self.ema.shadow}
-        # The optimizer's own load_state_dict places every moment beside its parameter and keeps
-        # the step counters where AdamW wants them (on the CPU unless capturable / fused).
-        index = {n: i for i, (n, _) in enumerate(self.model.named_parameters())}
-        state = {}
-        for key, v in tensors.items():
-            if key.startswith("opt."):
-                name, field = key[4:].rsplit(".", 1)
-                if name not in index:
-                    raise CheckpointError(f"{path}: optimizer state for unknown parameter {name}")
-                state.setdefault(index[name], {})[field] = v
-        self.opt.load_state_dict({"state": state, "param_groups": self.opt.state_dict()["param_groups"]})
+        try:
+            load_optimizer(self.opt, self.model, tensors, "opt", path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         self.step = int(meta["step"])
 
     # -- the loop -----------------------------------------------------------------------------
