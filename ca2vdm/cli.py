@@ -222,6 +222,15 @@ def _train(args):
     train_from_config(cfg, resume=not args.restart)
 
 
+def _distill(args):
+    from .distill import STAGES, distill_from_config, load_distill_config
+
+    cfg = load_distill_config(args.config, args.set)
+    if args.out_dir:
+        cfg.out_dir = args.out_dir
+    distill_from_config(cfg, STAGES if args.stage == "all" else (args.stage,))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca2vdm", description="Efficient autoregressive video diffusion (Ca2-VDM).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -236,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out-dir", help="run directory (default: the config's out_dir)")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in the run directory")
     t.set_defaults(func=_train)
+
+    d = sub.add_parser("distill", help="distill a many-step teacher into a few-step causal student",
+                       description="Few-step distillation (CausVid, Self-Forcing): stage ode-pairs stores the "
+                                   "teacher's sampling trajectories at the student's noise levels, ode-init regresses "
+                                   "the student (initialised from the teacher) onto their clean ends, dmd trains it "
+                                   "by distribution matching on its own rollouts through its KV cache. CONFIG is a "
+                                   "YAML file (e.g. configs/digits_distill.yaml). Every stage resumes where it "
+                                   "stopped; each writes metrics.csv, sample GIFs and a student checkpoint under "
+                                   "out_dir that generate / eval / export take as it is.")
+    d.add_argument("config", help="YAML distill config, e.g. configs/digits_distill.yaml")
+    d.add_argument("--stage", choices=["all", "ode-pairs", "ode-init", "dmd"], default="all",
+                   help="run one stage only (default: all three in order, each skipped when done)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set dmd.iterations=100 (repeatable)")
+    d.add_argument("--out-dir", help="run directory (default: the config's out_dir)")
+    d.set_defaults(func=_distill)
 
     g = sub.add_parser("generate", help="generate a video from a checkpoint, streamed to a file",
                        description="Generate a video chunk by chunk; each chunk is appended to the output as soon as "

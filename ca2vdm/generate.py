@@ -2,6 +2,7 @@
 
 * ``generate`` — yields each chunk (B, C, f, H, W) as soon as it exists; unbounded.
 * ``generate_video`` — the whole video as one tensor.
+* ``write_sample_gif`` — a few sample videos side by side in one GIF (training progress).
 * ``generate_to_files`` — from a checkpoint directory to mp4 / gif files (and latents), each chunk
   appended as it is denoised: what ``ca2vdm generate`` and ``ca2vdm demo`` run.
 
@@ -19,7 +20,7 @@ from .conditioning import Text
 from .model import CausalVideoDiT
 from .stream import MODES, GenerationStats, StreamSession, chunk_noise
 
-__all__ = ["generate", "generate_video", "generate_to_files", "load_first_frames",
+__all__ = ["generate", "generate_video", "generate_to_files", "load_first_frames", "write_sample_gif",
            "MODES", "GenerationStats", "StreamSession", "chunk_noise"]  # the last four: stream's, re-exported
 
 
@@ -190,3 +191,34 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
         save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(save_latents))
     return dict(paths=paths, seconds=seconds, stats=stats, frames=frames, batch=batch, step_cache=step_cache,
                 sampling=sampling)
+
+
+@torch.no_grad()
+def write_sample_gif(model: CausalVideoDiT, items: list[dict], path, frames: int, encode=None,
+                     guidance: float = 4.0, **sampling) -> Path | None:
+    """Sample videos side by side in one GIF (a training run's progress picture): one video per
+    conditioning item ({"caption"?, "label"?, "video"?: source of the first frames}), seeds 0, 1, ...
+    ``encode(captions) -> Text`` for text models; ``sampling``: ``generate``'s steps or levels.
+    Returns the path, or None for a model whose frames are not RGB pixels."""
+    from .video import VideoWriter
+
+    cfg = model.config
+    if cfg.in_channels != 3 or not items:
+        return None
+    kw = dict(sampling, seed=list(range(len(items))), batch=len(items))
+    if cfg.prefix_frames:
+        kw["first_frames"] = torch.stack([it["video"][:, :cfg.prefix_frames] for it in items]).to(model.device)
+    if cfg.conditioning == "text":
+        kw["prompt"], kw["guidance"] = encode([it["caption"] for it in items]), guidance
+    elif cfg.conditioning == "class":
+        kw["labels"], kw["guidance"] = torch.tensor([it["label"] for it in items]), guidance
+    frames = max(frames, cfg.prefix_frames + cfg.chunk_frames)
+    video = generate_video(model, frames, **kw).float().clamp(-1, 1).cpu()  # (n, C, F, H, W)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = VideoWriter(path, fps=8, scale=4)
+    try:
+        writer.write(torch.cat(list(video), dim=-1))  # the videos side by side
+    finally:
+        writer.close()
+    return path

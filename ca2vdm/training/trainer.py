@@ -285,35 +285,17 @@ class Trainer:
                 raise RuntimeError(f"DDP ranks diverged (max weight difference {diff})")
         return history
 
-    @torch.no_grad()
     def write_samples(self, path) -> Path | None:
         """A short video from the EMA weights and the first held-out clips' conditioning (GIF)."""
-        from ..generate import generate_video
-        from ..video import VideoWriter
+        from ..generate import write_sample_gif
 
-        cfg = self.model.config
-        if cfg.in_channels != 3 or not self.val_dataset:
+        if not self.val_dataset:
             return None
-        model = self.ema_model().to(self.device).eval()
         n = min(self.tc.sample_videos, len(self.val_dataset))
-        items = [self.val_dataset[i] for i in range(n)]
-        kw = dict(steps=self.tc.sample_steps, seed=list(range(n)))
-        if cfg.prefix_frames:
-            kw["first_frames"] = torch.stack([it["video"][:, :cfg.prefix_frames] for it in items]).to(self.device)
-        if cfg.conditioning == "text":
-            kw["prompt"], kw["guidance"] = self.text([it["caption"] for it in items], self.device), 4.0
-        elif cfg.conditioning == "class":
-            kw["labels"], kw["guidance"] = torch.tensor([it["label"] for it in items]), 4.0
-        frames = max(self.tc.sample_frames, cfg.prefix_frames + cfg.chunk_frames)
-        video = generate_video(model, frames, **kw).float().clamp(-1, 1).cpu()  # (n, C, F, H, W)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = VideoWriter(path, fps=8, scale=4)
-        try:
-            writer.write(torch.cat(list(video), dim=-1))  # the videos side by side
-        finally:
-            writer.close()
-        return path
+        model = self.ema_model().to(self.device).eval()
+        encode = (lambda captions: self.text(captions, self.device)) if self.text else None
+        return write_sample_gif(model, [self.val_dataset[i] for i in range(n)], path, self.tc.sample_frames,
+                                encode, steps=self.tc.sample_steps)
 
 
 def _tensorboard(log_dir):

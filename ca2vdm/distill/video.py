@@ -1,0 +1,107 @@
+"""DMD for a causal video student (CausVid with the Self-Forcing rollout): the ``DMDProblem`` of a
+few-step student, a many-step causal teacher and a critic, all ``CausalVideoDiT`` of one config.
+
+* generate — the self rollout: the student generates the clip chunk by chunk through its own KV
+  cache (``StreamSession``, few-step levels). One exit step is drawn per iteration for every chunk;
+  the steps before it run without gradient, the exit step with it, and each finished chunk enters
+  the cache detached by the clean write pass: gradients never cross chunks.
+* real_x0 — the teacher's guided x0 prediction (uncond + w (cond - uncond)) of every noisy chunk with
+  the clip's earlier chunks, clean, as context: all chunks in one ``forward_all_chunks``.
+* fake_x0 — the critic's conditional x0 prediction in the same layout.
+* critic_loss — the critic's ordinary flow loss in that layout (``training.losses.all_chunks_loss``).
+
+What is matched is therefore, chunk by chunk, the student's distribution of chunk k given its own
+earlier chunks against the teacher's given the same chunks: the objective is the sum over chunks of
+per-chunk conditional divergences, and the gradient through the context is dropped (the context
+enters detached, as it does in the rollout's cache).
+"""
+
+import torch
+
+from ..conditioning import Condition
+from ..model import CausalVideoDiT
+from ..stream import StreamSession
+from ..training.losses import Draws, all_chunks_loss, clip_frames
+from .dmd import DMDProblem
+
+
+class VideoDMD:
+    """The video problem. ``items(i)`` gives conditioning item i ({"caption"?, "video"?}) of a pool
+    of ``pool`` items; ``encode(captions) -> Text`` for text models. Clips of ``frames`` frames,
+    ``batch`` per iteration; the teacher guided at ``guidance``; ``autocast`` for every network call."""
+
+    def __init__(self, student: CausalVideoDiT, teacher: CausalVideoDiT, critic: CausalVideoDiT,
+                 levels: list[float], frames: int, batch: int, items, pool: int, encode=None,
+                 guidance: float = 4.0, autocast: torch.dtype | None = None, exit_step: str = "random"):
+        cfg = student.config
+        if frames != clip_frames(cfg):
+            raise ValueError(f"frames={frames}: the DMD clip is the training clip of this model, "
+                             f"{clip_frames(cfg)} frames (the critic learns in that layout)")
+        if exit_step not in ("random", "last"):
+            raise ValueError(f"exit_step must be 'random' or 'last', got {exit_step!r}")
+        for name, m in (("teacher", teacher), ("critic", critic)):
+            if m.config != cfg:
+                raise ValueError(f"the {name}'s model config differs from the student's")
+        self.student, self.teacher, self.critic = student, teacher, critic
+        self.levels, self.frames, self.batch = [float(s) for s in levels], frames, batch
+        self.items, self.pool, self.encode = items, pool, encode
+        self.guidance, self.autocast, self.exit_step = guidance, autocast, exit_step
+
+    def problem(self) -> DMDProblem:
+        cfg = self.student.config
+        return DMDProblem(self.generate, self.real_x0, self.fake_x0, self.critic_loss,
+                          chunk_frames=cfg.chunk_frames if not cfg.prefix_frames else None)
+
+    def _amp(self):
+        dev = self.student.device.type
+        return torch.autocast(dev, dtype=self.autocast) if self.autocast else torch.autocast(dev, enabled=False)
+
+    def generate(self, g: torch.Generator, grad: bool):
+        """(x, cond): the rollout's generated frames (B, C, F - p, H, W) and what they are conditioned
+        on, {"prompt", "labels", "first"} (raw: each network prepares its own ``Condition``)."""
+        cfg, model = self.student.config, self.student
+        idx = torch.randint(self.pool, (self.batch,), generator=g).tolist()
+        seeds = torch.randint(2**31 - 1, (self.batch,), generator=g).tolist()
+        exit_step = (len(self.levels) - 1 if self.exit_step == "last"
+                     else int(torch.randint(len(self.levels), (1,), generator=g)))
+        rows = [self.items(i) for i in idx]
+        kw = dict(levels=self.levels, seed=seeds, autocast=self.autocast, batch=self.batch)
+        prompt = self.encode([r.get("caption", "") for r in rows]) if cfg.conditioning == "text" else None
+        labels = torch.tensor([r["label"] for r in rows]) if cfg.conditioning == "class" else None
+        first = None
+        if cfg.prefix_frames:
+            first = torch.stack([r["video"][:, :cfg.prefix_frames] for r in rows]).to(model.device, model.dtype)
+        session = StreamSession(model, first_frames=first, prompt=prompt, labels=labels, **kw)
+        if first is not None:
+            session.next_chunk()
+        n = (self.frames - cfg.prefix_frames) // cfg.chunk_frames
+        chunks = [session.next_chunk(last=k == n - 1, exit_step=exit_step, grad=grad) for k in range(n)]
+        return torch.cat(chunks, dim=2), {"prompt": prompt, "labels": labels, "first": first}
+
+    def _context(self, x, first):
+        return x if first is None else torch.cat([first.to(x.dtype), x], dim=2)
+
+    def _x0(self, model, x_t, sigma, x, cond, guidance=1.0):
+        """model's x0 prediction for noisy frames x_t (B, C, F - p, H, W) at sigma (B,), context x."""
+        ctx = self._context(x, cond["first"])
+        t = model.diffusion.model_time(sigma.to(x.device))[:, None].expand(x.shape[0], x.shape[2])
+        with torch.no_grad(), self._amp():
+            c = model.condition(x.shape[0], cond["prompt"], cond["labels"])
+            if guidance == 1.0:
+                return model.forward_all_chunks(ctx, x_t, t, c, x0=True).to(x.dtype)
+            both = Condition.cat(c, model.unconditional(x.shape[0]))
+            pred = model.forward_all_chunks(torch.cat([ctx, ctx]), torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                            both, x0=True).to(x.dtype)
+        cond_pred, uncond_pred = pred.chunk(2)
+        return uncond_pred + guidance * (cond_pred - uncond_pred)
+
+    def real_x0(self, x_t, sigma, x, cond):
+        return self._x0(self.teacher, x_t, sigma, x, cond, self.guidance)
+
+    def fake_x0(self, x_t, sigma, x, cond):
+        return self._x0(self.critic, x_t, sigma, x, cond)
+
+    def critic_loss(self, x, cond, g):
+        with self._amp():
+            c = self.critic.condition(x.shape[0], cond["prompt"], cond["labels"])
+            return all_chunks_loss(self.critic, self._context(x, cond["first"]), c, Draws.of(g))

@@ -1,0 +1,176 @@
+"""Few-step distillation on tiny causal models: ODE pairs, the ODE-init regression, DMD on videos,
+and ``ca2vdm distill`` end to end (stages, resume, bad input)."""
+
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ca2vdm.checkpoint import read_config, save_checkpoint
+from ca2vdm.data import MovingDigits
+from ca2vdm.distill import (DMD, DMDConfig, ODEPairs, VideoDMD, ode_regression_loss, states_at_levels,
+                            teacher_trajectories, write_ode_pairs)
+from ca2vdm.generate import chunk_noise, generate_video
+
+from conftest import tiny_model
+from test_cli import ca2vdm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LEVELS = [1.0, 0.8, 0.45]
+ITEMS = [{"label": i % 3, "video": torch.randn(3, 5, 8, 8, generator=torch.Generator().manual_seed(i),
+                                                dtype=torch.float64)} for i in range(6)]
+
+
+def class_model(seed=0, dtype=torch.float64, **overrides):
+    kw = dict(conditioning="class", num_classes=3, prediction="sample", max_context_frames=3) | overrides
+    return tiny_model(dtype=dtype, seed=seed, **kw)
+
+
+def test_states_at_levels_walk_the_euler_path():
+    traj = [torch.full((2,), v, dtype=torch.float64) for v in (5.0, 3.0, 2.0, 0.0)]
+    sigmas = [1.0, 0.6, 0.3, 0.0]
+    got = states_at_levels(traj, sigmas, [1.0, 0.8, 0.6, 0.45, 0.1])
+    assert got[:, 0].tolist() == pytest.approx([5.0, 4.0, 3.0, 2.5, 2.0 / 3.0])
+    with pytest.raises(ValueError, match="outside"):
+        states_at_levels(traj, sigmas, [1.5])
+
+
+def test_a_stored_trajectory_ends_where_generate_video_ends(tmp_path):
+    """Shards in float64 of a guided class teacher (prefix frame, 2 chunks): the clip stored equals
+    generate_video for the same seeds, and its state at level 1 is the chunk's starting noise."""
+    teacher = class_model()
+    paths = write_ode_pairs(teacher, tmp_path, lambda i: ITEMS[i], LEVELS, frames=5, clips=5, batch=2,
+                            steps=6, guidance=3.0, seed=10, log=lambda *a: None)
+    assert [p.name for p in paths] == ["pairs_00000.safetensors", "pairs_00001.safetensors", "pairs_00002.safetensors"]
+    pairs = ODEPairs(tmp_path, LEVELS)
+    assert len(pairs) == 5 and pairs.states.shape == (5, 3, 3, 4, 8, 8) and pairs.states.dtype == torch.float64
+    first = torch.stack([it["video"][:, :1] for it in ITEMS[:5]])
+    ref = generate_video(teacher, 5, first_frames=first, labels=torch.tensor([it["label"] for it in ITEMS[:5]]),
+                         steps=6, guidance=3.0, seed=list(range(10, 15)))
+    assert (pairs.video - ref).abs().max().item() <= 1e-9
+    assert [pairs[i]["label"] for i in range(5)] == [0, 1, 2, 0, 1]
+    for k in (1, 2):  # level 1 = the teacher's starting noise of chunk k (frames 1-2, 3-4)
+        noise = chunk_noise(list(range(10, 15)), k, (3, 2, 8, 8), dtype=torch.float64)
+        assert torch.equal(pairs.states[:, 0, :, 2 * k - 2:2 * k], noise)
+    # a later level lies strictly between the noise and the clean end (not a copy of either)
+    mid = pairs.states[:, 2]
+    assert (mid - ref[:, :, 1:]).abs().mean() > 1e-3 and (mid - pairs.states[:, 0]).abs().mean() > 1e-3
+    # resuming keeps finished shards; other levels in the same folder are refused
+    before = paths[0].stat().st_mtime_ns
+    write_ode_pairs(teacher, tmp_path, lambda i: ITEMS[i], LEVELS, 5, 5, 2, steps=6, guidance=3.0, seed=10,
+                    log=lambda *a: None)
+    assert paths[0].stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="other noise levels"):
+        write_ode_pairs(teacher, tmp_path, lambda i: ITEMS[i], [1.0, 0.5], 5, 5, 2, log=lambda *a: None)
+    paths[1].write_bytes(paths[1].read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        ODEPairs(tmp_path)
+
+
+def test_trajectories_need_a_flow_teacher_and_whole_chunks():
+    with pytest.raises(ValueError, match="Euler path"):
+        teacher_trajectories(tiny_model(conditioning="class", num_classes=3, objective="eps"), LEVELS, 5,
+                             first_frames=torch.zeros(1, 3, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="whole chunks"):
+        teacher_trajectories(class_model(), LEVELS, 4, first_frames=torch.zeros(1, 3, 1, 8, 8, dtype=torch.float64))
+
+
+def test_ode_regression_picks_a_level_per_chunk_and_learns(tmp_path):
+    """A model that predicts 0 has loss mean(video^2); the per-chunk level choice reaches every
+    level; 30 Adam steps on 4 pairs cut the loss."""
+    teacher = class_model()
+    write_ode_pairs(teacher, tmp_path, lambda i: ITEMS[i], LEVELS, 5, 4, 4, steps=6, guidance=1.0, log=lambda *a: None)
+    pairs = ODEPairs(tmp_path)
+    student = class_model(seed=1)
+    cond = student.condition(4, labels=pairs.labels)
+    seen = set()
+    original = student.forward_all_chunks
+
+    def spy(context, noisy, t, *a, **k):
+        seen.update((t[:, ::2] / 1000).flatten().tolist())
+        return original(context, noisy, t, *a, **k)
+
+    student.forward_all_chunks = spy
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        ode_regression_loss(student, pairs.video, pairs.states, LEVELS, cond, g)
+    assert seen == set(LEVELS)
+    del student.forward_all_chunks
+    student.train()
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    losses = []
+    for i in range(30):
+        loss = ode_regression_loss(student, pairs.video, pairs.states, LEVELS, student.condition(4, labels=pairs.labels),
+                                   torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_dmd_iterations_change_the_student_and_the_critic_not_the_teacher():
+    teacher, student, critic = class_model(dtype=torch.float32), class_model(1, torch.float32), class_model(dtype=torch.float32)
+    for m in (student, critic):
+        m.train()
+    teacher.requires_grad_(False)
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in
+              (("teacher", teacher), ("student", student), ("critic", critic))}
+    problem = VideoDMD(student, teacher, critic, LEVELS, frames=5, batch=2, items=lambda i: ITEMS[i], pool=6,
+                       guidance=3.0)
+    run = DMD(student, critic, problem.problem(), DMDConfig(ratio=2, generator_lr=1e-3))
+    rows = [run.step() for _ in range(3)]
+    assert [("generator_loss" in r) for r in rows] == [True, False, True]
+    assert all(r["critic_loss"] > 0 and torch.isfinite(torch.tensor(r["critic_loss"])) for r in rows)
+    changed = lambda name, m: max((m.state_dict()[k] - v).abs().max().item() for k, v in before[name].items())  # noqa: E731
+    assert changed("student", student) > 1e-4 and changed("critic", critic) > 1e-5
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in before["teacher"].items())
+    with pytest.raises(ValueError, match="training clip"):
+        VideoDMD(student, teacher, critic, LEVELS, frames=7, batch=2, items=lambda i: ITEMS[i], pool=6)
+
+
+def test_distill_cli_stages_resume_and_errors(tmp_path):
+    # moving digits (labels 0-9), a prompt alone starts the video: 6-frame clips of 3 chunks
+    teacher = class_model(dtype=torch.float32, num_classes=10, prefix_frames=0, max_context_frames=4)
+    data = {"dataset": "moving-digits", "num_clips": 16, "size": 8, "digit_size": 5, "val_clips": 2}
+    save_checkpoint(tmp_path / "teacher", teacher, {"data": data})
+    cfg = tmp_path / "distill.yaml"
+    cfg.write_text(f"""out_dir: {tmp_path / 'run'}
+teacher: {tmp_path / 'teacher'}
+levels: [1.0, 0.8, 0.45]
+teacher_steps: 4
+samples: 2
+sample_frames: 5
+ode_pairs: {{clips: 6, batch_size: 4}}
+ode_init: {{steps: 4, batch_size: 2, lr: 0.001, warmup: 1, save_every: 2, eval_every: 4, log_every: 2}}
+dmd: {{iterations: 3, batch_size: 2, ratio: 2, log_every: 1, save_every: 2, sample_every: 3, generator_lr: 0.001,
+       chunk_normaliser: true}}
+""")
+    r = ca2vdm("distill", cfg)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    assert "ode-pairs: shard 2/2" in r.stdout and "ode-init step 4/4" in r.stdout and "dmd iteration 3/3" in r.stdout
+    assert len(list((run / "pairs").glob("pairs_*.safetensors"))) == 2
+    for stage, n in (("ode_init", 4), ("dmd", 3)):
+        rows = list(csv.DictReader(open(run / stage / "metrics.csv")))
+        assert len(rows) == n and all(float(row["minutes"]) >= 0 for row in rows)
+        assert list((run / stage / "samples").glob("*.gif"))
+        meta = read_config(run / stage / "checkpoint")
+        assert meta["sampling"] == {"levels": LEVELS, "steps": 3, "guidance": 1.0} and meta["data"] == data
+    assert load_file(run / "dmd" / "state.safetensors")  # the DMD state is there to resume
+    r = ca2vdm("distill", cfg, "--set", "dmd.iterations=4")
+    assert r.returncode == 0, r.stderr
+    assert "ode-init: done" in r.stdout and "resumed from" in r.stdout and "dmd iteration 4/4" in r.stdout
+    assert len(list(csv.DictReader(open(run / "dmd" / "metrics.csv")))) == 4
+    r = ca2vdm("generate", "--checkpoint", run / "dmd" / "checkpoint", "--frames", 6, "--label", 1,
+               "--out", tmp_path / "v.gif")  # the student samples at its own levels by default
+    assert r.returncode == 0, r.stderr
+    for setting, message in (("dmd.ratoi=3", "unknown dmd fields: ratoi"), ("steps=2", "contradicts the 3 levels"),
+                             ("levels=[1.0,0.9,0.95]", "noise levels must"), ("ode_init.steps=x", "expected int"),
+                             ("teacher=/nonexistent", "not found")):
+        r = ca2vdm("distill", cfg, "--set", setting, "--out-dir", tmp_path / "other")
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (setting, r.stderr)
+    json.loads(json.dumps(read_config(run / "dmd" / "checkpoint")["distill"]))  # the recipe is recorded
