@@ -168,6 +168,31 @@ def _eval(args):
     _print_fvd(report)
 
 
+def _distill_report(args):
+    import json
+
+    from .eval import distill_report, format_distill_table, plot_distill
+
+    rows = {}
+    for item in args.row:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--row {item!r}: expected NAME=EVAL.json")
+        try:
+            rows[name] = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--row {name}: cannot read the eval report {path}: {e}") from None
+        if "overall" not in rows[name] or "settings" not in rows[name]:
+            raise ValueError(f"--row {name}: {path} is not a moving-digits `ca2vdm eval` report")
+    names = list(rows)
+    if len(names) < 2:
+        raise ValueError("give at least two --row (a teacher and a student)")
+    report = distill_report(rows, args.teacher or names[0], args.baseline or names[min(1, len(names) - 1)],
+                            args.student or names[-1], args.repeats, args.frames)
+    print(format_distill_table(report))
+    _save(report, args.json, args.plot, plot_distill)
+
+
 def _bench_step_cache(args):
     from .eval import format_step_cache_table, plot_step_cache, step_cache_report
     from .stepcache import StepCacheConfig
@@ -370,6 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the result as JSON to this file")
     b.add_argument("--plot", help="also write a PNG: time per step vs step, cumulative time vs frames")
     b.set_defaults(func=_bench)
+
+    q = sub.add_parser("distill-report", help="teacher and few-step students side by side (eval figures + speed)",
+                       description="Combine moving-digits `ca2vdm eval --json` reports (one per row, all on the same "
+                                   "held-out captions and seeds) with the streaming speed of each row's checkpoint "
+                                   "and sampling, measured here for all rows in one process (batch 1, loading "
+                                   "excluded, rows round-robin, median of --repeats), and check the student's goals: "
+                                   ">= 8x the teacher's frames/s, >= 25 frames/s, accuracy >= 0.9, FVD <= 1.5x the "
+                                   "teacher's, last-8/first-8 window FVD <= 1.15, better than the baseline.")
+    q.add_argument("--row", action="append", default=[], metavar="NAME=EVAL.json", help="a row, in order (repeatable)")
+    q.add_argument("--teacher", help="the teacher's row (default: the first)")
+    q.add_argument("--baseline", help="the teacher at the student's step count (default: the second row)")
+    q.add_argument("--student", help="the student the goals are for (default: the last row)")
+    q.add_argument("--repeats", type=int, default=3, help="speed measurements per row (median)")
+    q.add_argument("--frames", type=int, default=64, help="frames per speed measurement (default 64)")
+    q.add_argument("--json", help="write the report here")
+    q.add_argument("--plot", help="write the PNG here")
+    q.set_defaults(func=_distill_report)
 
     r = sub.add_parser("bench-step-cache", help="quality vs speed of the step-cache policies",
                        description="Generate the same moving-digits prompts and seeds uncached and with every "

@@ -174,3 +174,35 @@ dmd: {{iterations: 3, batch_size: 2, ratio: 2, log_every: 1, save_every: 2, samp
         r = ca2vdm("distill", cfg, "--set", setting, "--out-dir", tmp_path / "other")
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, (setting, r.stderr)
     json.loads(json.dumps(read_config(run / "dmd" / "checkpoint")["distill"]))  # the recipe is recorded
+
+
+def _eval_report(checkpoint, acc, fvd, windows, **settings):
+    summary = {"acc_mean": acc, "acc_worst_chunk": acc - 0.1, "brightness_drift": 0.01, "colour_drift": 0.02}
+    return {"overall": summary, "horizons": {"128": summary}, "frames": 16 * len(windows),
+            "fvd": {"fvd": fvd, "per_window": [{"fvd": w} for w in windows]},
+            "settings": dict(checkpoint=str(checkpoint), guidance=1.0, steps=None, levels=None) | settings}
+
+
+def test_distill_report_measures_every_row_and_checks_the_goals(tmp_path):
+    from ca2vdm.eval import distill_report, format_distill_table
+
+    model = class_model(dtype=torch.float32, num_classes=10, prefix_frames=0, max_context_frames=4)
+    save_checkpoint(tmp_path / "m", model)
+    rows = {"teacher": _eval_report(tmp_path / "m", 0.95, 100.0, [10] * 16, steps=8, guidance=3.0),
+            "baseline": _eval_report(tmp_path / "m", 0.5, 300.0, [10] * 16, steps=2, guidance=3.0),
+            "student": _eval_report(tmp_path / "m", 0.92, 140.0, [10] * 8 + [12] * 8, levels=[1.0, 0.5])}
+    report = distill_report(rows, "teacher", "baseline", "student", repeats=1, frames=10, log=lambda *a: None)
+    by = {r["name"]: r for r in report["rows"]}
+    # calls per chunk: 8 guided steps (one batched call each) vs 2 levels
+    assert by["teacher"]["denoise_calls_per_chunk"] == 8 and by["student"]["denoise_calls_per_chunk"] == 2
+    assert all(r["frames_per_second"] > 0 and r["seconds_to_first_chunk"] > 0 for r in report["rows"])
+    g = report["goals"]
+    assert g["fvd_over_teacher"]["value"] == pytest.approx(1.4) and g["fvd_over_teacher"]["met"]
+    assert g["fvd_last8_over_first8"]["value"] == pytest.approx(1.2) and not g["fvd_last8_over_first8"]["met"]
+    assert g["accuracy_over_baseline"]["met"] and g["fvd_over_baseline"]["met"] and g["digit_accuracy_1000"]["met"]
+    assert "MISSED" in format_distill_table(report) and "| student | 2 levels, w=1 |" in format_distill_table(report)
+    with pytest.raises(ValueError, match="not among the rows"):
+        distill_report(rows, "teacher", "nobody", "student")
+    (tmp_path / "bad.json").write_text("{}")
+    r = ca2vdm("distill-report", "--row", f"a={tmp_path / 'bad.json'}", "--row", f"b={tmp_path / 'bad.json'}")
+    assert r.returncode == 1 and "is not a moving-digits" in r.stderr

@@ -13,7 +13,7 @@ pytest.importorskip("scipy")
 from ca2vdm.data import MovingDigits  # noqa: E402
 from ca2vdm.metrics.digit_classifier import (DEFAULT_CLASSIFIER_DIR, DigitClassifier, frame_accuracy,  # noqa: E402
                                              load_classifier, multi_hot, save_classifier)
-from ca2vdm.metrics.digits import brightness_drift, digit_accuracy, digit_report, track_speeds  # noqa: E402
+from ca2vdm.metrics.digits import brightness_drift, colour_drift, digit_accuracy, digit_report, track_speeds  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,6 +106,17 @@ def test_brightness_drift():
     assert len(out["chunk_means"]) == 2 and out["drift"] == pytest.approx(4 / 7, abs=1e-6)
 
 
+def test_colour_drift_sees_a_tint_the_brightness_misses():
+    """Red rises as blue falls: the brightness stays put, the colour drifts by sqrt(2) x 4/7."""
+    ramp = torch.linspace(-1, 1, 8).view(1, 1, 8, 1, 1).expand(2, 1, 8, 4, 4)
+    video = torch.cat([ramp, torch.zeros_like(ramp), -ramp], dim=1)  # (2, 3, 8, 4, 4)
+    assert brightness_drift(video)["drift"] == pytest.approx(0.0, abs=1e-6)
+    out = colour_drift(video, chunk_frames=4)
+    np.testing.assert_allclose(out["drift"], [4 / 7, 0.0, -4 / 7], atol=1e-6)
+    assert out["drift_norm"] == pytest.approx(math.sqrt(2) * 4 / 7, abs=1e-6)
+    np.testing.assert_allclose(out["chunk_means"][0], [3 / 14, 0.5, 11 / 14], atol=1e-6)
+
+
 def test_digit_report_gt_vs_itself(classifier, gt):
     videos, items = gt
     digits = [it["digits"] for it in items]
@@ -113,7 +124,8 @@ def test_digit_report_gt_vs_itself(classifier, gt):
     json.dumps(report, allow_nan=False)  # plain JSON
     for key in ("acc", "acc_gt", "acc_ratio", "min_acc_ratio_128", "speed", "speed_gt", "speed_ratio",
                 "speed_ratio_paired", "brightness", "brightness_gt", "brightness_drift", "brightness_drift_gt",
-                "overall", "horizons", "frames", "chunk_frames"):
+                "colour", "colour_gt", "colour_drift", "colour_drift_gt", "overall", "horizons", "frames",
+                "chunk_frames"):
         assert key in report, key
     assert report["frames"] == 24 and len(report["acc"]) == 6
     assert sorted(report["horizons"]) == ["16", "8"]  # 1000 is beyond the videos
@@ -121,6 +133,8 @@ def test_digit_report_gt_vs_itself(classifier, gt):
     assert report["min_acc_ratio_128"] == 1.0
     assert report["speed_ratio"] == 1.0 and report["speed_ratio_paired"] == 1.0
     assert report["brightness_drift"] == report["brightness_drift_gt"]
+    assert report["colour_drift"] == report["colour_drift_gt"] and report["overall"]["colour_drift"] >= 0
+    assert report["overall"]["acc_worst_chunk"] == report["overall"]["acc_gt_worst_chunk"] == min(report["acc"])
     for h, s in report["horizons"].items():
         assert s["frames"] == int(h)
         assert s["acc_ratio"] == 1.0 and s["min_acc_ratio"] == 1.0 and s["speed_ratio"] == 1.0

@@ -4,11 +4,14 @@
   on the captions of held-out clips
 * ``continuation`` — continue real videos from their first frames: PSNR / SSIM per chunk, FVD
 * ``step_cache``   — quality against speed of every step-caching policy, and of fewer sampling steps
+* ``distill``      — teacher and few-step students side by side: eval figures, streaming speed, goals
 """
 
 from .continuation import evaluate_continuations
 from .digits import evaluate_digits, held_out_clips
+from .distill import distill_report, format_distill_table, plot_distill, stream_speed
 from .step_cache import STEP_CACHE_POLICIES, format_step_cache_table, plot_step_cache, step_cache_report
 
-__all__ = ["evaluate_continuations", "evaluate_digits", "held_out_clips", "STEP_CACHE_POLICIES",
+__all__ = ["evaluate_continuations", "evaluate_digits", "held_out_clips", "distill_report", "format_distill_table",
+           "plot_distill", "stream_speed", "STEP_CACHE_POLICIES",
            "format_step_cache_table", "plot_step_cache", "step_cache_report"]

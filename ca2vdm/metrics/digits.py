@@ -1,7 +1,7 @@
 """Measuring generated moving-digit videos: are the digits still there, do they move, does it drift?
 
 Generated videos are tensors (B, 3, F, 32, 32) in roughly [-1, 1] from a text-conditioned model
-trained on ``MovingDigits``. Four measurements, all per chunk of ``chunk_frames`` frames (the
+trained on ``MovingDigits``. Five measurements, all per chunk of ``chunk_frames`` frames (the
 model's generation unit) so that degradation over long horizons shows up:
 
     digit_accuracy    the digit classifier (``digit_classifier.DigitClassifier``) reads every frame;
@@ -10,6 +10,7 @@ model's generation unit) so that degradation over long horizons shows up:
     track_speeds      connected components of bright pixels -> centroids -> Hungarian matching
                       between consecutive frames -> mean displacement in pixels/frame
     brightness_drift  mean pixel value per chunk in [0, 1]; drift = last chunk - first chunk
+    colour_drift      the same per colour channel: a tint creeping in over the video
     digit_report      the published figures: generated vs ground truth, overall and up to each
                       horizon (128, 256, 1000 frames), JSON-serialisable
 """
@@ -149,6 +150,19 @@ def brightness_drift(videos: torch.Tensor, chunk_frames: int = 4) -> dict:
     return {"chunk_means": means, "drift": means[-1] - means[0]}
 
 
+def colour_drift(videos: torch.Tensor, chunk_frames: int = 4) -> dict:
+    """Mean colour per chunk in [0, 1] (per channel, over videos, frames, pixels) and its drift.
+
+    videos (B, C, F, H, W) in ~[-1, 1] -> {"chunk_means": [[float] * C] * num_chunks, "drift":
+    [last - first] * C, "drift_norm": the Euclidean length of that vector}: a tint that creeps in
+    shows here even when the brightness (the mean over channels) stays put.
+    """
+    per_frame = ((videos.detach().float() + 1) / 2).mean(dim=(0, 3, 4)).cpu()   # (C, F)
+    means = [per_frame[:, s].mean(1).tolist() for s in chunk_slices(per_frame.shape[1], chunk_frames)]
+    drift = [b - a for a, b in zip(means[0], means[-1])]
+    return {"chunk_means": means, "drift": drift, "drift_norm": math.sqrt(sum(d * d for d in drift))}
+
+
 # --------------------------------------------------------------------------------------------
 # The published report
 # --------------------------------------------------------------------------------------------
@@ -174,15 +188,19 @@ def _summary(correct, correct_gt, disp, disp_gt, videos, gt_videos, frames: int,
             paired = _nanmedian(np.where(speed_gt > 0, speed / speed_gt, np.nan))
     drift = brightness_drift(videos[:, :, :frames], chunk_frames)["drift"]
     drift_gt = brightness_drift(gt_videos[:, :, :frames], chunk_frames)["drift"]
+    colour = colour_drift(videos[:, :, :frames], chunk_frames)["drift_norm"]
+    colour_gt = colour_drift(gt_videos[:, :, :frames], chunk_frames)["drift_norm"]
     valid = [r for r in ratios if r is not None]
     return {
         "frames": frames,
         "acc_mean": finite(acc.mean()), "acc_gt_mean": finite(acc_gt.mean()),
         "acc_ratio": _ratio(acc.mean().item(), acc_gt.mean().item()),
         "min_acc_ratio": min(valid) if valid else None,
+        "acc_worst_chunk": finite(acc.min()), "acc_gt_worst_chunk": finite(acc_gt.min()),
         "acc_last_chunk": finite(acc[-1]), "acc_gt_last_chunk": finite(acc_gt[-1]),
         "speed": med, "speed_gt": med_gt, "speed_ratio": _ratio(med, med_gt), "speed_ratio_paired": paired,
         "brightness_drift": finite(drift), "brightness_drift_gt": finite(drift_gt),
+        "colour_drift": finite(colour), "colour_drift_gt": finite(colour_gt),
     }
 
 
@@ -201,6 +219,8 @@ def digit_report(classifier: DigitClassifier, videos: torch.Tensor, digits, gt_v
         speed_ratio          speed / speed_gt (ratio of medians: valid even when unpaired)
         speed_ratio_paired   median over videos of speed_i / speed_gt_i (only when B == B')
         brightness*, brightness_drift*   per-chunk means and last-minus-first drift, both sets
+        colour*, colour_drift*           the same per channel (``colour_drift``); the summaries
+                                         give the drift's length (``colour_drift``)
         overall              the summary figures over all frames (see ``_summary``)
         horizons             {"128": summary up to frame 128, ...} for each horizon both reach
     """
@@ -214,6 +234,7 @@ def digit_report(classifier: DigitClassifier, videos: torch.Tensor, digits, gt_v
     ratios = [_ratio(a, b) for a, b in zip(acc, acc_gt)]
     early = [r for r in ratios[:math.ceil(min(128, frames) / chunk_frames)] if r is not None]
     bright, bright_gt = brightness_drift(videos, chunk_frames), brightness_drift(gt_videos, chunk_frames)
+    colour, colour_gt = colour_drift(videos, chunk_frames), colour_drift(gt_videos, chunk_frames)
     summary = lambda f: _summary(correct, correct_gt, disp, disp_gt, videos, gt_videos, f, chunk_frames)  # noqa: E731
     overall = summary(frames)
     return {
@@ -225,6 +246,8 @@ def digit_report(classifier: DigitClassifier, videos: torch.Tensor, digits, gt_v
         "speed_ratio": overall["speed_ratio"], "speed_ratio_paired": overall["speed_ratio_paired"],
         "brightness": bright["chunk_means"], "brightness_gt": bright_gt["chunk_means"],
         "brightness_drift": finite(bright["drift"]), "brightness_drift_gt": finite(bright_gt["drift"]),
+        "colour": colour["chunk_means"], "colour_gt": colour_gt["chunk_means"],
+        "colour_drift": colour["drift"], "colour_drift_gt": colour_gt["drift"],
         "overall": overall,
         "horizons": {str(h): summary(h) for h in horizons if h <= frames},
     }

@@ -1,0 +1,156 @@
+"""The distillation report: teacher and students side by side, every row an ``ca2vdm eval`` report
+on the same held-out captions and seeds, with streaming speed measured for all rows in one process.
+
+* ``stream_speed`` — steady-state frames/s of one stream at batch 1 (model loading and prompt
+  encoding excluded; the first two chunks are warm-up) and the time to its first chunk
+* ``distill_report`` — the rows' figures, their speeds (rows measured round-robin, median of
+  ``repeats``), and the shipped student's goals against the teacher and the same-step baseline
+* ``format_distill_table`` / ``plot_distill`` — a Markdown table and a PNG
+"""
+
+import statistics
+import time
+
+import torch
+
+from ..checkpoint import load_checkpoint
+from ..conditioning import Text
+from ..generate import GenerationStats, generate
+
+SPEED_PROMPT = "a 3 moving down and right"
+
+
+def _loaded(checkpoint, settings):
+    from ..text import get_text_encoder
+
+    model = load_checkpoint(checkpoint)
+    prompt = Text(*get_text_encoder("cpu").encode([SPEED_PROMPT])) if model.config.conditioning == "text" else None
+    labels = torch.tensor([3]) if model.config.conditioning == "class" else None
+    kw = dict(prompt=prompt, labels=labels, guidance=settings["guidance"], seed=0)
+    kw["levels" if settings.get("levels") else "steps"] = settings.get("levels") or settings["steps"]
+    return model, kw
+
+
+def stream_speed(model, frames: int = 64, warmup_chunks: int = 2, **sampling) -> dict:
+    """One stream of ``frames`` frames at batch 1: {"frames_per_second" (chunks after the warm-up),
+    "seconds_to_first_chunk" (from the session's start), "denoise_calls_per_chunk"}."""
+    stats = GenerationStats()
+    for _ in generate(model, frames, stats=stats, **sampling):
+        pass
+    steady = stats.chunk_seconds[warmup_chunks:] or stats.chunk_seconds
+    return {"frames_per_second": len(steady) * model.config.chunk_frames / sum(steady),
+            "seconds_to_first_chunk": stats.seconds_to_first_chunk,
+            "denoise_calls_per_chunk": stats.denoise_calls / stats.chunks}
+
+
+def _windows_ratio(report, n=8):
+    rows = (report.get("fvd") or {}).get("per_window") or []
+    if len(rows) < 2 * n:
+        return None
+    first, last = [r["fvd"] for r in rows[:n]], [r["fvd"] for r in rows[-n:]]
+    return statistics.mean(last) / statistics.mean(first)
+
+
+def _row(name, report, speed):
+    o, h = report["overall"], report["horizons"].get("128", {})
+    fvd = report.get("fvd") or {}
+    return {
+        "name": name, "settings": report["settings"], **speed,
+        "acc_128": h.get("acc_mean"), "worst_chunk_128": h.get("acc_worst_chunk"),
+        "acc_1000": o["acc_mean"], "worst_chunk_1000": o["acc_worst_chunk"], "frames": report["frames"],
+        "fvd": fvd.get("fvd"), "fvd_per_window": [r["fvd"] for r in fvd.get("per_window", [])],
+        "fvd_last8_over_first8": _windows_ratio(report),
+        "brightness_drift": o["brightness_drift"], "colour_drift": o["colour_drift"],
+    }
+
+
+def distill_report(rows: dict, teacher: str, baseline: str, student: str, repeats: int = 3, frames: int = 64,
+                   log=print) -> dict:
+    """rows: {name: eval report (``evaluate_digits``'s JSON)}; ``teacher``, ``baseline`` (the teacher
+    at the student's step count) and ``student`` name the rows the goals compare."""
+    for role, name in (("teacher", teacher), ("baseline", baseline), ("student", student)):
+        if name not in rows:
+            raise ValueError(f"the {role} row {name!r} is not among the rows ({', '.join(rows)})")
+    loaded = {name: _loaded(r["settings"]["checkpoint"], r["settings"]) for name, r in rows.items()}
+    runs = {name: [] for name in rows}
+    for i in range(repeats):  # round-robin: slow drifts of the machine hit every row alike
+        for name, (model, kw) in loaded.items():
+            runs[name].append(stream_speed(model, frames, **kw))
+            log(f"  speed {name} ({i + 1}/{repeats}): {runs[name][-1]['frames_per_second']:.1f} frames/s")
+    speed = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+    table = [_row(name, r, speed[name]) for name, r in rows.items()]
+    by = {r["name"]: r for r in table}
+    t, b, s = by[teacher], by[baseline], by[student]
+    ratio = lambda a, c: None if a is None or not c else a / c  # noqa: E731
+    goals = {
+        "fps_over_teacher": {"value": ratio(s["frames_per_second"], t["frames_per_second"]), "goal": ">= 8"},
+        "frames_per_second": {"value": s["frames_per_second"], "goal": ">= 25"},
+        "digit_accuracy_1000": {"value": s["acc_1000"], "goal": ">= 0.9"},
+        "fvd_over_teacher": {"value": ratio(s["fvd"], t["fvd"]), "goal": "<= 1.5"},
+        "fvd_last8_over_first8": {"value": s["fvd_last8_over_first8"], "goal": "<= 1.15"},
+        "accuracy_over_baseline": {"value": ratio(s["acc_1000"], b["acc_1000"]), "goal": "> 1"},
+        "fvd_over_baseline": {"value": ratio(s["fvd"], b["fvd"]), "goal": "< 1"},
+    }
+    checks = {"fps_over_teacher": lambda v: v >= 8, "frames_per_second": lambda v: v >= 25,
+              "digit_accuracy_1000": lambda v: v >= 0.9, "fvd_over_teacher": lambda v: v <= 1.5,
+              "fvd_last8_over_first8": lambda v: v <= 1.15, "accuracy_over_baseline": lambda v: v > 1,
+              "fvd_over_baseline": lambda v: v < 1}
+    for key, g in goals.items():
+        g["met"] = None if g["value"] is None else bool(checks[key](g["value"]))
+    return {"rows": table, "teacher": teacher, "baseline": baseline, "student": student, "goals": goals,
+            "speed": {"batch": 1, "frames": frames, "repeats": repeats, "threads": torch.get_num_threads(),
+                      "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}}
+
+
+def _f(v, fmt):
+    return "–" if v is None else format(v, fmt)
+
+
+def format_distill_table(report: dict) -> str:
+    """The report's rows as a Markdown table, then its goals."""
+    lines = ["| row | sampling | frames/s | first chunk s | acc@128 (worst chunk) | acc@1000 (worst chunk) "
+             "| FVD@1000 | FVD last8/first8 | brightness drift | colour drift |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        st = r["settings"]
+        sampling = (f"{len(st['levels'])} levels" if st.get("levels") else f"{st['steps']} steps") + f", w={st['guidance']:g}"
+        lines.append(f"| {r['name']} | {sampling} | {_f(r['frames_per_second'], '.1f')} | "
+                     f"{_f(r['seconds_to_first_chunk'], '.3f')} | {_f(r['acc_128'], '.3f')} ({_f(r['worst_chunk_128'], '.2f')}) | "
+                     f"{_f(r['acc_1000'], '.3f')} ({_f(r['worst_chunk_1000'], '.2f')}) | {_f(r['fvd'], '.1f')} | "
+                     f"{_f(r['fvd_last8_over_first8'], '.2f')} | {_f(r['brightness_drift'], '+.4f')} | "
+                     f"{_f(r['colour_drift'], '.4f')} |")
+    lines.append("")
+    for key, g in report["goals"].items():
+        mark = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
+        lines.append(f"- {key}: {_f(g['value'], '.3f')} (goal {g['goal']}): {mark}")
+    return "\n".join(lines)
+
+
+def plot_distill(report: dict, path) -> None:
+    """Three panels: frames/s per row, accuracy per row, FVD per 16-frame window over the video."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    names = [r["name"] for r in rows]
+    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax.barh(names, [r["frames_per_second"] for r in rows], color="tab:blue")
+    ax.axvline(25, color="k", ls="--", lw=0.8, label="real time (25 frames/s)")
+    ax.set_xlabel("frames/s, batch 1 (CPU)")
+    ax.invert_yaxis()
+    ax.legend(fontsize=8)
+    bx.barh(names, [r["acc_1000"] or 0 for r in rows], color="tab:green")
+    bx.axvline(0.9, color="k", ls="--", lw=0.8)
+    bx.set_xlabel("digit accuracy over 1,000 frames")
+    bx.set_xlim(0, 1)
+    bx.invert_yaxis()
+    for r in rows:
+        if r["fvd_per_window"]:
+            cx.plot([16 * i + 8 for i in range(len(r["fvd_per_window"]))], r["fvd_per_window"], label=r["name"], lw=1)
+    cx.set_xlabel("frame")
+    cx.set_ylabel("FVD per 16-frame window")
+    cx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
