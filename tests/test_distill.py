@@ -206,3 +206,18 @@ def test_distill_report_measures_every_row_and_checks_the_goals(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
     r = ca2vdm("distill-report", "--row", f"a={tmp_path / 'bad.json'}", "--row", f"b={tmp_path / 'bad.json'}")
     assert r.returncode == 1 and "is not a moving-digits" in r.stderr
+
+
+def test_a_resumed_stage_keeps_each_step_once_in_metrics_csv(tmp_path):
+    from ca2vdm.distill.run import _Metrics
+
+    path = tmp_path / "metrics.csv"
+    m = _Metrics(path, ["iteration", "loss"], every=100, log=print)
+    for i in range(1, 6):
+        m.add({"iteration": i, "loss": 0.5}, "")
+    m.close()  # the run stopped after iteration 5; its last state was saved at 3
+    m = _Metrics(path, ["iteration", "loss"], every=100, log=print, start=3)
+    m.add({"iteration": 4, "loss": 0.25}, "")
+    m.close()
+    rows = list(csv.DictReader(open(path)))
+    assert [r["iteration"] for r in rows] == ["1", "2", "3", "4"] and rows[-1]["loss"] == "0.25"

@@ -22,6 +22,7 @@ every ``DMDConfig`` field).
 
 import copy
 import csv
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -156,11 +157,22 @@ def load_distill_config(path, overrides=()) -> DistillConfig:
 
 
 class _Metrics:
-    """metrics.csv of a stage (appended on resume) and the progress line every ``every`` rows."""
+    """metrics.csv of a stage and the progress line every ``every`` rows. On resume at step ``start``
+    the rows written after that step's checkpoint (``columns[0]`` > start) are dropped first, so the
+    file holds each step once."""
 
-    def __init__(self, path: Path, columns: list[str], every: int, log):
-        new = not path.exists()
+    def __init__(self, path: Path, columns: list[str], every: int, log, start: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            with open(path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get(columns[0]) and int(r[columns[0]]) <= start]
+            tmp = path.with_name(f".{path.name}.tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, columns, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(kept)
+            os.replace(tmp, path)  # atomic: a crash here leaves the old file
+        new = not path.exists()
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, columns, extrasaction="ignore")
         if new:
@@ -226,7 +238,8 @@ class Distillation:
             self.log(f"ode-init: done ({step} steps in {folder / 'checkpoint'})")
             return
         self.log(f"ode-init: {len(pairs)} pairs, {tc.steps} steps of batch {tc.batch_size}, from step {step}")
-        metrics = _Metrics(folder / "metrics.csv", ["step", "loss", "lr", "grad_norm", "minutes"], tc.log_every, self.log)
+        metrics = _Metrics(folder / "metrics.csv", ["step", "loss", "lr", "grad_norm", "minutes"], tc.log_every,
+                           self.log, step)
         t0 = time.perf_counter()
         amp = c.amp()
         try:
@@ -305,7 +318,7 @@ class Distillation:
                  f"exit step {rc.exit_step}, from iteration {run.iteration}")
         cols = ["iteration", "generator_loss", "generator_grad_norm", "critic_loss", "critic_grad_norm", "lr_factor",
                 "minutes"]
-        metrics = _Metrics(folder / "metrics.csv", cols, rc.log_every, self.log)
+        metrics = _Metrics(folder / "metrics.csv", cols, rc.log_every, self.log, run.iteration)
         t0 = time.perf_counter()
         try:
             while run.iteration < rc.iterations:
