@@ -237,3 +237,31 @@ def test_fvd_report_overall_pools_every_window():
     assert (report["clips_a"], report["clips_b"]) == (8, 8) and len(report["per_window"]) == 2
     assert report["fvd"] == pytest.approx(fvd(gen, ref, model=stub)["fvd"], rel=1e-9)
     assert report["per_window"] == fvd_per_chunk(gen, ref, chunk_frames=4, model=stub)
+
+
+def test_reference_features_are_embedded_once(monkeypatch, tmp_path):
+    """A stand-in network counts its clips: the second ask for the same reference set reads the
+    cache; another set (one pixel changed) is embedded anew."""
+    from ca2vdm.metrics.fvd import reference_features
+
+    monkeypatch.setenv("CA2VDM_CACHE", str(tmp_path))
+
+    class Count(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.clips = nn.Parameter(torch.ones(())), 0
+
+        def forward(self, clips):  # (b, 3, 16, 224, 224) -> (b, 400)
+            self.clips += clips.shape[0]
+            return clips.mean(dim=(1, 3, 4)).repeat(1, 25) * self.w
+
+    net = Count()
+    videos = torch.rand(2, 3, 32, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    first = reference_features(net, videos)
+    assert net.clips == 4 and first.shape == (4, 400)
+    again = reference_features(net, videos)
+    assert net.clips == 4 and np.array_equal(first, again)
+    other = videos.clone()
+    other[0, 0, 0, 0, 0] += 0.5
+    reference_features(net, other)
+    assert net.clips == 8 and len(list((tmp_path / "fvd_reference").glob("*.safetensors"))) == 2

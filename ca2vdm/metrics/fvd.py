@@ -3,7 +3,9 @@
 Every consecutive 16-frame clip of a video is one sample; frames are resized to 224 x 224 before
 the network. ``fvd`` compares two sets of videos; ``fvd_report`` also gives FVD per 16-frame
 window over time (the Ca2-VDM paper's long-video table); ``add_fvd`` adds that report to an
-evaluation's when the videos are long enough.
+evaluation's when the videos are long enough. The reference set's features are kept on disk
+(``reference_features``): every row of a comparison measures against the same real clips, and I3D
+over them runs once.
 """
 
 import time
@@ -80,6 +82,30 @@ def frechet_distance(feats_a, feats_b) -> float:
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root).real)
 
 
+def reference_features(model, videos: torch.Tensor, batch: int = 8, clip_frames: int = FVD_CLIP_FRAMES) -> np.ndarray:
+    """``i3d_features`` of a reference set, cached in ``<cache dir>/fvd_reference/`` under the
+    SHA-256 of the videos' float32 bytes (and the clip length): the same real clips are embedded
+    once, whichever run asks next. Only for the default I3D (a model passed in is not cached)."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    from ..safefile import save_safetensors
+    from .i3d import CACHE_NAME, cache_dir
+
+    data = videos.detach().float().contiguous().cpu()
+    key = hashlib.sha256(data.numpy().tobytes() + f"{tuple(data.shape)}|{clip_frames}|{CACHE_NAME}".encode()).hexdigest()
+    path = cache_dir() / "fvd_reference" / f"{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["features"].numpy()
+        except Exception:  # a damaged cache entry is recomputed
+            pass
+    feats = i3d_features(model, videos, batch, clip_frames)
+    save_safetensors({"features": torch.from_numpy(np.ascontiguousarray(feats))}, path)
+    return feats
+
+
 def _default_i3d(model, device):
     from .i3d import load_i3d
 
@@ -116,6 +142,7 @@ def fvd_report(generated: torch.Tensor, reference: torch.Tensor, chunk_frames: i
     """
     if chunk_frames < 1:
         raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
+    cache = model is None
     model = _default_i3d(model, device)
     frames = min(generated.shape[2], reference.shape[2])
     windows = frames // clip_frames
@@ -123,7 +150,8 @@ def fvd_report(generated: torch.Tensor, reference: torch.Tensor, chunk_frames: i
         raise ValueError(f"videos have {frames} frames, fewer than one {clip_frames}-frame window")
     used = windows * clip_frames
     fg = i3d_features(model, generated[:, :, :used], batch, clip_frames).reshape(len(generated), windows, -1)
-    fr = i3d_features(model, reference[:, :, :used], batch, clip_frames).reshape(len(reference), windows, -1)
+    embed = reference_features if cache else i3d_features
+    fr = embed(model, reference[:, :, :used], batch, clip_frames).reshape(len(reference), windows, -1)
     rows = []
     for i in range(windows):
         start, end = i * clip_frames, (i + 1) * clip_frames
