@@ -372,5 +372,5 @@ def distill_from_config(cfg: DistillConfig, stages=STAGES, log=print) -> Distill
         if stage in stages:
             t0 = time.perf_counter()
             getattr(run, stage.replace("-", "_"))()
-            log(f"{stage}: {(time.perf_counter() - t0) / 60:.1f} CPU minutes this session")
+            log(f"{stage}: {(time.perf_counter() - t0) / 60:.1f} minutes (wall clock) this session")
     return run
