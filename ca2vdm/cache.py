@@ -73,6 +73,12 @@ class KVCache:
             raise ValueError(f"chunk {k} has {self.layout.chunk_len(k)} frames, got {q}")
         return k
 
+    @staticmethod
+    def attention_mask(q: int) -> str:
+        """What the staged chunk's q queries see of the (n + q) staged keys: the window and their own
+        chunk causally, i.e. ``"causal"`` aligned bottom-right (see ``layers.attend``)."""
+        return "causal"
+
     def rows(self, rows: list[int]) -> "CacheRows":
         """The cache restricted to some batch rows, for a denoising step run on part of the batch
         (step caching): read and staged into, never committed. Nothing is copied up front."""
@@ -133,15 +139,53 @@ class KVCache:
             k, v = k.clone(), v.clone()
         return k, v
 
-    def write_prefix(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Push the chunk's prefix K/V (B, H, q, S, d) into the R-slot ring (call after reading)."""
-        q, cap, c = k.shape[2], self.prefix_capacity, self.frames_written
+    def write_prefix(self, block: int, k: torch.Tensor, v: torch.Tensor, start: int | None = None) -> None:
+        """Push the prefix K/V (B, H, q, S, d) of frames [start, start + q) into the R-slot ring (call
+        after reading); ``start`` defaults to the next frame (``frames_written``)."""
+        q, cap = k.shape[2], self.prefix_capacity
+        c = self.frames_written if start is None else start
         first = max(0, q - cap)
         if self.differentiable(self.pk[block]):  # out of place, as in ``commit``
             self.pk[block], self.pv[block] = self.pk[block].clone(), self.pv[block].clone()
         for src, dst, length in _ring_runs(first, (c + first) % cap, q - first, cap):
             self.pk[block][:, :, dst:dst + length] = k[:, :, src:src + length]
             self.pv[block][:, :, dst:dst + length] = v[:, :, src:src + length]
+
+    # -- re-cache: the whole window at once ------------------------------------------------------
+    def fill(self, block: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Write the K/V (B, S, H, F, d) of clean frames [start, start + F), computed together by one
+        masked forward (a re-cache), into the ring: frame n to slot n mod P_max, only the last P_max
+        kept. The frames must cover the whole window they leave behind (F >= min(start + F, P_max));
+        ``advance`` to start + F follows once every block is filled."""
+        Fr, cap = k.shape[3], self.capacity
+        if self.frames_written:
+            raise RuntimeError("fill writes a whole window into an empty cache; this one holds frames already")
+        if Fr < min(start + Fr, cap):
+            raise ValueError(f"a re-cache must cover the window: {Fr} frames ending at frame {start + Fr} "
+                             f"leave {min(start + Fr, cap)} window slots")
+        K, V = self.k[block], self.v[block]
+        if self.differentiable(K):
+            K, V = K.clone(), V.clone()
+            self.k[block], self.v[block] = K, V
+        first = max(0, Fr - cap)
+        for src, dst, length in _ring_runs(first, (start + first) % cap, Fr - first, cap):
+            K[:, :, :, dst:dst + length] = k[:, :, :, src:src + length]
+            V[:, :, :, dst:dst + length] = v[:, :, :, src:src + length]
+
+    def copy_rows(self, other: "KVCache", rows: int) -> None:
+        """Take the first ``rows`` batch rows of every buffer from ``other`` (the same window): a
+        conditional half kept when the unconditional half is re-cached or dropped."""
+        if other.frames_written != self.frames_written:
+            raise RuntimeError(f"caches hold {other.frames_written} and {self.frames_written} frames")
+        for mine, theirs in zip(self.k + self.v + self.pk + self.pv, other.k + other.v + other.pk + other.pv):
+            mine[:rows].copy_(theirs[:rows])
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """Every K/V buffer by name (``k.0``, ``v.0``, ``pk.0``, ...): what a saved stream stores."""
+        out = {}
+        for name, bufs in (("k", self.k), ("v", self.v), ("pk", self.pk), ("pv", self.pv)):
+            out.update({f"{name}.{i}": b for i, b in enumerate(bufs)})
+        return out
 
     def advance(self, q: int) -> None:
         """Count q newly written clean frames (after every block has committed them)."""
@@ -186,6 +230,7 @@ class CacheRows:
         self.window_len, self.prefix_len = cache.window_len, cache.prefix_len
 
     nbytes = 0  # it holds no buffer of its own
+    attention_mask = staticmethod(KVCache.attention_mask)
 
     def check_chunk(self, q: int) -> int:
         return self.cache.check_chunk(q)
@@ -217,6 +262,90 @@ class CacheRows:
 
     def write_prefix(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
         raise RuntimeError("a row view of a cache is only read: write passes run on the whole cache")
+
+
+class CacheBatch:
+    """Several streams' caches as one batch, so that streams at different frames run one batched
+    forward (a server's compatible sessions): rows are the caches' rows in order.
+
+    Each cache keeps its own frame counter and ring; nothing is shared or moved. Staging puts every
+    stream's chunk into its own staging slots; attention reads the first P_max + q slots of every
+    cache concatenated, with a per-row mask (``attention_mask``) that admits a row's valid window
+    (its slots [0, n_i)) and its own chunk causally (slots [n_i, n_i + q)): a key-padding mask for
+    streams whose window is not yet full. Positions are per row (``frames_written`` is a list).
+    Generation only: under autograd use one cache per forward.
+    """
+
+    def __init__(self, caches: list[KVCache]):
+        first = caches[0]
+        for c in caches[1:]:
+            same = (c.layout, c.capacity, c.staging, c.tokens, c.heads, c.head_dim, c.dtype, c.prefix_capacity)
+            if same != (first.layout, first.capacity, first.staging, first.tokens, first.heads, first.head_dim,
+                        first.dtype, first.prefix_capacity):
+                raise ValueError("caches of one batch must come from one model with one cache dtype")
+        if first.prefix_capacity and len({c.prefix_len for c in caches}) > 1:
+            raise ValueError("with prefix enhancement, streams batched together must have the same prefix length")
+        self.caches, self.layout, self.capacity = caches, first.layout, first.capacity
+        self.splits = [c.batch for c in caches]
+        self.batch, self.dtype = sum(self.splits), first.dtype
+        self._masks = {}
+
+    @property
+    def frames_written(self) -> list[int]:
+        """Each stream's frame counter (the absolute index of its next frame)."""
+        return [c.frames_written for c in self.caches]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def check_chunk(self, q: int) -> list[int]:
+        return [c.check_chunk(q) for c in self.caches]
+
+    def rows(self, rows):
+        raise RuntimeError("a batch of caches runs whole (step caching runs one stream at a time)")
+
+    def attention_mask(self, q: int) -> torch.Tensor:
+        """(rows * S, 1, q, P_max + q) bool: row r's query i sees its window and its chunk up to frame i."""
+        key = (q, tuple(c.window_len for c in self.caches))
+        if key not in self._masks:
+            dev = self.caches[0].k[0].device
+            n = torch.tensor([c.window_len for c in self.caches for _ in range(c.batch)], device=dev)[:, None, None]
+            j = torch.arange(self.capacity + q, device=dev)[None, None, :]
+            i = torch.arange(q, device=dev)[None, :, None]
+            mask = (j < n) | ((j >= n) & (j <= n + i))  # (rows, q, L)
+            S = self.caches[0].tokens  # attention runs per token: rows x S queries of q frames
+            self._masks[key] = mask[:, None, None].expand(-1, S, 1, -1, -1).flatten(0, 1)  # (rows*S, 1, q, L)
+        return self._masks[key]
+
+    def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stream's chunk K/V into its own staging slots; the (rows, S, H, P_max + q, d) keys and
+        values that ``attention_mask`` goes with."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("a batch of caches is for generation; run it under torch.no_grad()")
+        q, end = k.shape[3], self.capacity + k.shape[3]
+        for c, kc, vc in zip(self.caches, k.split(self.splits), v.split(self.splits)):
+            c.stage(block, kc, vc)
+        return (torch.cat([c.k[block][:, :, :, :end] for c in self.caches]),
+                torch.cat([c.v[block][:, :, :, :end] for c in self.caches]))
+
+    def commit(self, block: int, q: int) -> None:
+        for c in self.caches:
+            c.commit(block, q)
+
+    def prefix(self, block: int):
+        parts = [c.prefix(block) for c in self.caches]
+        if parts[0] is None:
+            return None
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def write_prefix(self, block: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        for c, kc, vc in zip(self.caches, k.split(self.splits), v.split(self.splits)):
+            c.write_prefix(block, kc, vc)
+
+    def advance(self, q: int) -> None:
+        for c in self.caches:
+            c.advance(q)
 
 
 def _ring_runs(src: int, dst: int, length: int, cap: int) -> list[tuple[int, int, int]]:

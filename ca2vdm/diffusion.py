@@ -50,6 +50,14 @@ class Sampler:
         """x at step i and the network output -> x at step i + 1."""
         return self.diffusion.update(x, out, *self.coefs[i])
 
+    def level(self, i: int) -> float:
+        """The noise level of step i's input as a share of pure noise: sigma (flow), sqrt(1 - abar) (eps)."""
+        return self.diffusion.noise_share(self.coefs[i][0])
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """Clean frames x0 noised to step i's level (where video-to-video enters the schedule)."""
+        return self.diffusion.noised(x0, noise, self.coefs[i][0])
+
 
 class FewStepSampler:
     """Few-step sampling (CausVid, Self-Forcing): at level sigma_i the network's clean-frame (x0)
@@ -76,6 +84,15 @@ class FewStepSampler:
         if i == len(self.levels) - 1:
             return x0
         s = self.levels[i + 1]
+        return (1 - s) * x0 + s * noise
+
+    def level(self, i: int) -> float:
+        """The noise level sigma_i of step i's input."""
+        return self.levels[i]
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, i: int) -> torch.Tensor:
+        """Clean frames x0 noised to level sigma_i."""
+        s = self.levels[i]
         return (1 - s) * x0 + s * noise
 
 
@@ -105,6 +122,15 @@ class FlowMatching:
     def update(x, v, sigma: float, sigma_next: float):
         """Euler step of dx/dsigma = v."""
         return x + (sigma_next - sigma) * v
+
+    @staticmethod
+    def noise_share(sigma: float) -> float:
+        return sigma
+
+    @staticmethod
+    def noised(x0, noise, sigma: float):
+        """x_sigma = (1 - sigma) x0 + sigma noise for a host float sigma."""
+        return (1 - sigma) * x0 + sigma * noise
 
     def few_step_sampler(self, levels) -> "FewStepSampler":
         """A sampler over an explicit list of noise levels sigma_1 = 1 > ... > sigma_K > 0."""
@@ -180,6 +206,15 @@ class DDPM:
 
     def few_step_sampler(self, levels):
         raise ValueError("few-step levels are defined for objective='flow' (re-noising x0 to sigma)")
+
+    @staticmethod
+    def noise_share(abar: float) -> float:
+        return math.sqrt(1 - abar)
+
+    @staticmethod
+    def noised(x0, noise, abar: float):
+        """x_t = sqrt(abar) x0 + sqrt(1 - abar) noise for a host float abar."""
+        return math.sqrt(abar) * x0 + math.sqrt(1 - abar) * noise
 
     @staticmethod
     def update(x, eps, a_t: float, a_prev: float):

@@ -65,9 +65,11 @@ def attend(q, k, v, mask=None):
 class FrameContext:
     """What a forward needs to know about the frames it processes.
 
-    tpe: (F, D) cyclic rows or None. rope: (cos, sin) per frame or None. mask: (F, F) temporal
-    attention set for a full-sequence forward. cache and write: the KV cache of a cached forward
-    and whether this is the clean write pass.
+    tpe: (F, D) cyclic rows, (B, F, D) per batch row (streams at different frames), or None.
+    rope: (cos, sin) per frame, (F, d/2) or (B, 1, 1, F, d/2) per row, or None. mask: (F, F)
+    temporal attention set for a full-sequence forward. cache and write: the KV cache of a cached
+    forward and whether this is the clean write pass. fill: a full-sequence forward over clean
+    frames [fill, fill + F) that also writes their K/V into the empty ``cache`` (a re-cache).
     prefix_groups: full-sequence prefix enhancement, (query span, key span) in local indices.
     tap: a block whose gated temporal-attention residual is kept in ``tapped`` (step caching).
     """
@@ -77,6 +79,7 @@ class FrameContext:
     mask: torch.Tensor | None = None
     cache: KVCache | None = None
     write: bool = False
+    fill: int | None = None
     prefix_groups: list = field(default_factory=list)
     tap: int = -1
     tapped: torch.Tensor | None = None
@@ -121,12 +124,14 @@ class TemporalAttention(nn.Module):
         q, k, v = self.qkv(h).view(B, Fr, S, 3, H, D // H).permute(3, 0, 2, 4, 1, 5)  # each (B, S, H, F, d)
         if ctx.rope is not None:  # keys are rotated at their absolute frame index before caching
             q, k = RoPE.rotate(q, *ctx.rope), RoPE.rotate(k, *ctx.rope)
-        if ctx.cache is None:
+        if ctx.cache is None or ctx.fill is not None:
             out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), ctx.mask)
+            if ctx.fill is not None:  # a re-cache: these clean frames' K/V become the window
+                ctx.cache.fill(block, k, v, ctx.fill)
         else:
             k, v = ctx.cache.stage(block, k, v)  # (B, S, H, n + F, d): window then this chunk
             k, v = k.to(q.dtype), v.to(q.dtype)  # no-op unless the cache has its own dtype
-            out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), "causal")
+            out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), ctx.cache.attention_mask(Fr))
             if ctx.write:
                 ctx.cache.commit(block, Fr)
         out = out.view(B, S, H, Fr, D // H).permute(0, 3, 1, 2, 4).reshape(B, Fr, S, D)
@@ -155,12 +160,14 @@ class PrefixAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, Fr, S, D))
 
     def forward(self, x, ctx: FrameContext, block: int):
-        if ctx.cache is None:
+        if ctx.cache is None or ctx.fill is not None:
             k, v = self.keys(x)
             out = torch.zeros_like(x)
             for (q0, q1), (k0, k1) in ctx.prefix_groups:
                 kk, vv = k[:, :, k0:k1].flatten(2, 3), v[:, :, k0:k1].flatten(2, 3)
                 out[:, q0:q1] = self.attend_to(x[:, q0:q1], kk, vv)
+            if ctx.fill is not None:  # a re-cache: the last R of these frames are the next prefix
+                ctx.cache.write_prefix(block, k, v, start=ctx.fill)
             return out
         cached = ctx.cache.prefix(block)
         out = self.attend_to(x, *cached) if cached is not None else torch.zeros_like(x)
@@ -217,8 +224,8 @@ class Block(nn.Module):
         if self.prefix is not None:
             x = x + self.prefix(self.norm_p(x), ctx, index)
         h = modulate(self.norm_t(x), st, sct)
-        if ctx.tpe is not None:
-            h = h + ctx.tpe[:, None, :]  # (F, 1, D)
+        if ctx.tpe is not None:  # (F, 1, D), or (B, F, 1, D) when every row has its own frames
+            h = h + (ctx.tpe[:, None, :] if ctx.tpe.dim() == 2 else ctx.tpe[:, :, None, :])
         r = gt * self.temporal(h, ctx, index)
         if ctx.tap == index:
             ctx.tapped = r

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from .cache import KVCache
+from .cache import CacheBatch, KVCache
 from .conditioning import Condition, Text
 from .config import ModelConfig
 from .diffusion import make_diffusion
@@ -299,8 +299,21 @@ class CausalVideoDiT(nn.Module):
             raise ValueError(f"cache is for batch {cache.batch}, video batch is {x.shape[0]}")
         Fr = x.shape[2]
         cache.check_chunk(Fr)
+        if isinstance(cache, CacheBatch):  # streams at different frames: positions per row
+            return FrameContext(*self._row_positions(cache, Fr), cache=cache)
         tpe, rope = self._positions(range(cache.frames_written, cache.frames_written + Fr), 0)
         return FrameContext(tpe, rope, cache=cache)
+
+    def _row_positions(self, batch: CacheBatch, Fr: int):
+        """Per-row positions of the next Fr frames of every stream in ``batch``: TPE (rows, F, D),
+        RoPE (cos, sin) each (rows, 1, 1, F, d/2)."""
+        per = [self._positions(range(c.frames_written, c.frames_written + Fr), 0) for c in batch.caches]
+        rows = lambda ts: torch.cat([t.expand(c.batch, *t.shape) for t, c in zip(ts, batch.caches)])  # noqa: E731
+        tpe = rows([p[0] for p in per]) if self.tpe is not None else None
+        rope = None
+        if self.rope is not None:
+            rope = tuple(rows([p[1][i] for p in per])[:, None, None] for i in range(2))
+        return tpe, rope
 
     def forward_cached(self, x, t, cache: KVCache, cond: Condition | None = None, write: bool = False,
                        return_hidden: bool = False, x0: bool = False):
@@ -318,6 +331,30 @@ class CausalVideoDiT(nn.Module):
         if write:
             cache.advance(x.shape[2])
         return result
+
+    def fill_cache(self, frames, cache: KVCache, cond: Condition | None = None, start: int = 0) -> None:
+        """Re-cache: the K/V of clean frames [start, start + F) computed by one masked forward over
+        these frames alone (frames before ``start`` absent, as ``forward(..., start=start)`` and a
+        recompute-full stream whose history begins there), under ``cond``, written into the empty
+        ``cache``, which then continues after frame start + F. The frames must reach a chunk
+        boundary and cover the window (the last min(start + F, P_max) frames); the first may sit
+        mid-chunk. frames: (B, C, F, H, W)."""
+        B, Fr = frames.shape[0], frames.shape[2]
+        t = torch.zeros(B, Fr, dtype=torch.float64, device=frames.device)
+        cond = self.check_input(frames, t, cond)
+        if cache.batch != B:
+            raise ValueError(f"cache is for batch {cache.batch}, video batch is {B}")
+        end = start + Fr
+        if self.layout.chunk_start(self.layout.chunk_of(end)) != end:
+            raise ValueError(f"a re-cache must end at a chunk boundary; frame {end} is not one")
+        frames_range = range(start, end)
+        tpe, rope = self._positions(frames_range, 0)
+        ctx = FrameContext(tpe, rope, mask=self.layout.mask(frames_range, frames_range, frames.device),
+                           cache=cache, fill=start)
+        if self.config.prefix_enhance:
+            ctx.prefix_groups = self.prefix_groups(frames_range)
+        self._run(frames, t, cond, ctx, False, skip_output=True)
+        cache.advance(end)
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for ``batch`` videos (2x the videos with classifier-free guidance)."""

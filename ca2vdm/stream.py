@@ -31,14 +31,19 @@ frames: nothing but the fixed-size cache survives a chunk.
 """
 
 import contextlib
+import functools
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from .cache import CacheBatch
 from .conditioning import Condition, Text
 from .diffusion import mix_seed
 from .model import CausalVideoDiT
+from .safefile import save_safetensors
 from .stepcache import StepCache, StepCacheConfig
 
 MODES = ("shared", "recompute-full", "recompute-window")
@@ -172,6 +177,12 @@ class StreamSession:
     step_cache: a step-caching policy (spec string, ``StepCacheConfig``, or a ``StepCache`` whose
     counters the caller wants to read), ``shared`` mode only; this session's own state.
     stats: a ``GenerationStats`` to fill in (default: a new one, ``session.stats``).
+
+    Steering a stream between chunks: ``set_prompt`` (switch the prompt, re-caching the window),
+    ``extend`` (write given frames), ``next_chunk(source=, strength=)`` (video-to-video);
+    ``save`` / ``StreamSession.load`` (stop and continue elsewhere); ``next_chunks`` runs several
+    sessions as one batched forward. The session keeps the last P_max clean frames it wrote
+    (``kept``, from frame ``kept_start``): the cache holds only K/V, and a re-cache needs the frames.
     """
 
     def __init__(self, model: CausalVideoDiT, first_frames: torch.Tensor | None = None, prompt: Text | None = None,
@@ -208,12 +219,12 @@ class StreamSession:
         self.model, self.batch, self.guidance, self.mode = model, B, guidance, mode
         self.seeds = [seed + b for b in range(B)] if isinstance(seed, int) else [int(s) for s in seed]
         self.context_noise, self.autocast = context_noise, autocast
+        self.cache_dtype = cache_dtype or autocast or model.dtype
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+        self.labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
         self.rows = 2 * B if self.guided else B  # batch rows of every network call
-        cond = model.condition(B, prompt, labels)
-        if self.guided:
-            cond = Condition.cat(cond, model.unconditional(B, negative_prompt))
-        self.cond = cond
-        self.engine = ENGINES[mode](model, self.rows, cond, cache_dtype or autocast or model.dtype)
+        self.cond = self._condition()
+        self.engine = ENGINES[mode](model, self.rows, self.cond, self.cache_dtype)
         if levels is not None:
             self.sampler = model.diffusion.few_step_sampler(levels)
         else:
@@ -225,8 +236,21 @@ class StreamSession:
         self.stats.cache_bytes = self.engine.nbytes
         self.chunk = 0 if p else 1  # index of the chunk the next call returns
         self.ended = False          # the last chunk was not written: nothing can follow it
+        self.kept = None            # (B, C, <= P_max, H, W): the last clean frames written, as written
+        self.kept_start = 0         # absolute index of kept[:, :, 0]
         self._first = first_frames
         self._t0 = time.perf_counter()
+
+    def _condition(self, prompt=None, labels=None, negative=None, guided=None) -> Condition:
+        """The prepared conditioning of every row: the prompt's, then the guidance branch's (the
+        session's own prompt, labels, negative prompt and guidance unless others are given)."""
+        prompt = self.prompt if prompt is None else prompt
+        labels = self.labels if labels is None else labels
+        cond = self.model.condition(self.batch, prompt, labels)
+        if self.guided if guided is None else guided:
+            negative = self.negative_prompt if negative is None else negative
+            cond = Condition.cat(cond, self.model.unconditional(self.batch, negative))
+        return cond
 
     @contextlib.contextmanager
     def _network(self, grad: bool = False):
@@ -236,69 +260,163 @@ class StreamSession:
         with torch.set_grad_enabled(grad), amp:
             yield
 
-    def _append(self, frames: torch.Tensor, chunk: int) -> None:
-        """Frames join the context: optionally noise-augmented, doubled for guidance, then written."""
+    # -- the context ---------------------------------------------------------------------------
+    def _context_frames(self, frames: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Frames as they join the context: optionally noise-augmented, detached (a rollout's gradient
+        never crosses into later chunks), kept for re-caching, doubled for guidance."""
         model, B = self.model, self.batch
         if self.context_noise:
             noise = chunk_noise(self.seeds, chunk, tuple(frames.shape[1:]), stream=1, dtype=model.dtype,
                                 device=model.device)
             level = torch.full((B, frames.shape[2]), self.context_noise, dtype=torch.float64, device=model.device)
             frames = model.diffusion.add_noise(frames, noise, level)
-        frames = frames.detach()  # a rollout's gradient never crosses into later chunks
+        frames = frames.detach()
+        kept = frames if self.kept is None else torch.cat([self.kept, frames], dim=2)
+        drop = max(0, kept.shape[2] - model.config.max_context_frames)
+        self.kept, self.kept_start = kept[:, :, drop:], self.kept_start + drop
+        return torch.cat([frames, frames]) if self.guided else frames
+
+    def _append(self, frames: torch.Tensor, chunk: int) -> None:
+        """Frames join the context: one clean write pass (or a history append)."""
+        rows = self._context_frames(frames, chunk)
         with self._network():
-            self.engine.append(torch.cat([frames, frames]) if self.guided else frames)
+            self.engine.append(rows)
         self.stats.write_calls += 1
 
+    def _check_open(self) -> None:
+        if self.ended:
+            raise RuntimeError("this stream has ended: its last chunk was not written into the context")
+
+    def extend(self, frames: torch.Tensor) -> None:
+        """Write given clean frames into the context as the stream's next frames, as if generated:
+        continuing a real clip (any model), at chunk granularity. frames: (B, C, n * l, H, W), in the
+        model's space (latents for a latent model). The given first frames of a model that takes
+        them are written first. Nothing is returned; later chunks continue after these frames."""
+        self._check_open()
+        cfg, l = self.model.config, self.model.config.chunk_frames
+        want = (self.batch, cfg.in_channels, *cfg.frame_size)
+        if frames.dim() != 5 or (frames.shape[0], frames.shape[1], *frames.shape[3:]) != want:
+            raise ValueError(f"frames must be (B, C, n*{l}, H, W) = ({want[0]}, {want[1]}, n*{l}, {want[2]}, "
+                             f"{want[3]}), got {tuple(frames.shape)}")
+        if frames.shape[2] == 0 or frames.shape[2] % l:
+            raise ValueError(f"extend writes whole chunks of {l} frames; got {frames.shape[2]} frames")
+        if self.chunk == 0:
+            self.next_chunk()
+        for piece in frames.to(self.model.device, self.model.dtype).split(l, dim=2):
+            self._append(piece, self.chunk)
+            self.chunk += 1
+
+    def set_prompt(self, prompt: Text | None = None, recache: bool = True, negative_prompt: Text | None = None,
+                   guidance: float | None = None, labels=None) -> None:
+        """Switch the conditioning between chunks (prompt switching, LongLive-style).
+
+        The text K/V of cross-attention (and the pooled prompt) are replaced by ``prompt``'s (class
+        models: ``labels``); None keeps the current one. With ``recache`` the window's K/V are
+        recomputed from the kept frames (the last P_max clean frames) by one masked forward over
+        them alone, from the first kept frame (which may sit mid-chunk), under the new conditioning:
+        the stream then continues exactly as a recompute-full stream whose history starts at that
+        frame. Without it the old K/V stay (shared mode only: the recompute modes hold no K/V).
+        ``guidance`` changes the scale; turning guidance on, or a new ``negative_prompt``, re-caches
+        the unconditional half in any case (it has no K/V of its own yet), and turning it off drops it.
+        """
+        self._check_open()
+        model, cfg, B = self.model, self.model.config, self.batch
+        if not recache and self.mode != "shared":
+            raise ValueError(f"recache=False keeps the old K/V, which only the shared cache has (mode {self.mode!r})")
+        if negative_prompt is not None and cfg.conditioning != "text":
+            raise ValueError("a negative prompt needs a text-conditioned model")
+        guidance = self.guidance if guidance is None else float(guidance)
+        guided = guidance != 1.0
+        if guided and cfg.conditioning == "none":
+            raise ValueError("classifier-free guidance needs a conditioned model (conditioning='class' or 'text')")
+        if labels is not None:
+            labels = torch.as_tensor(labels).long().reshape(-1)
+        cond = self._condition(prompt, labels, negative_prompt, guided)  # checks everything before anything changes
+        was_guided, old_engine = self.guided, self.engine
+        uncond_new = guided and (not was_guided or negative_prompt is not None)
+        self.prompt = self.prompt if prompt is None else prompt
+        self.labels = self.labels if labels is None else labels
+        self.negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
+        self.guided, self.guidance, self.rows, self.cond = guided, guidance, 2 * B if guided else B, cond
+        if self.kept is None:  # nothing written yet: a fresh, empty context under the new conditioning
+            self.engine = ENGINES[self.mode](model, self.rows, self.cond, self.cache_dtype)
+        elif self.mode != "shared":  # the oracle: history cut at the first kept frame, new conditioning
+            self.engine.cond = self.cond
+            self.engine.history = torch.cat([self.kept, self.kept]) if guided else self.kept
+            self.engine.start = self.kept_start
+        elif recache or uncond_new or guided != was_guided:
+            fresh = SharedCache(model, self.rows, self.cond, self.cache_dtype)
+            if recache or uncond_new:
+                frames = torch.cat([self.kept, self.kept]) if guided else self.kept
+                with self._network():
+                    model.fill_cache(frames, fresh.cache, self.cond, start=self.kept_start)
+            else:
+                fresh.cache.frames_written = old_engine.cache.frames_written
+            if not recache:  # the conditional half keeps its old K/V
+                fresh.cache.copy_rows(old_engine.cache, B)
+            self.engine = fresh
+        else:
+            self.engine.cond = self.cond
+        self.stats.cache_bytes = self.engine.nbytes
+
+    # -- denoising -----------------------------------------------------------------------------
+    def start_step(self, strength: float) -> int:
+        """Video-to-video: the sampling step a source chunk enters at for ``strength`` s in (0, 1]:
+        the first step whose input noise level (sigma for flow, sqrt(1 - abar) for eps) is <= s, the
+        last step if none is. Step 0 starts from pure noise, ignoring the source (s = 1 is plain generation)."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        levels = [self.sampler.level(i) for i in range(len(self.sampler))]
+        return next((i for i, s in enumerate(levels) if s <= strength + 1e-12), len(levels) - 1)
+
     def _denoise(self, k: int, exit_step: int | None = None, grad: bool = False,
-                 trajectory: list | None = None) -> torch.Tensor:
+                 trajectory: list | None = None, source: torch.Tensor | None = None,
+                 strength: float | None = None) -> torch.Tensor:
         """Chunk k from its noise through the sampling steps (the context is only read). With
         ``exit_step`` (few-step levels) the chunk is the x0 predicted at that step, and with ``grad``
         that one step runs under autograd (the Self-Forcing rollout). ``trajectory``: a list that
-        receives the state before every step and, last, the chunk."""
-        model, cfg, sampler, sc = self.model, self.model.config, self.sampler, self.step_cache
-        l, rows = cfg.chunk_frames, self.rows
-        x = chunk_noise(self.seeds, k, (cfg.in_channels, l, *cfg.frame_size), dtype=model.dtype, device=model.device)
-        # noise streams of a chunk: 0 its starting noise, 1 context noise, 2 + i re-noising after step i
+        receives the state before every step and, last, the chunk. ``source``: a chunk noised to the
+        step ``strength`` maps to, denoised from there (video-to-video)."""
+        run, sc = _ChunkRun(self, k, exit_step, source, strength), self.step_cache
         if sc is not None:  # the reuse state starts afresh in every chunk
-            sc.begin_chunk(len(sampler), rows)
+            sc.begin_chunk(len(self.sampler), self.rows)
             before = sc.computed
-        x0 = sampler.predicts_x0
-        shape = (cfg.in_channels, l, *cfg.frame_size)
-        steps = len(sampler) if exit_step is None else exit_step + 1
-        if x0 and steps > 1:  # every re-noising draw of the chunk, drawn on the host, sent in one copy
-            renoise = torch.stack([chunk_noise(self.seeds, k, shape, stream=2 + i) for i in range(steps - 1)])
-            renoise = renoise.to(device=model.device, dtype=model.dtype)
-        for i, tv in enumerate(sampler.timesteps[:steps]):
+        for i in range(run.first, run.steps):
             if trajectory is not None:
-                trajectory.append(x)
-            xin = torch.cat([x, x]) if self.guided else x
-            t = torch.full((rows, l), tv, dtype=torch.float64, device=model.device)
+                trajectory.append(run.x)
+            xin, t = run.inputs(i)
             if sc is not None:
                 sc.begin_step(i)
-            with self._network(grad and i == steps - 1):
-                pred = self.engine.denoise(xin, t, sc, x0=x0).to(model.dtype)
-            self.stats.denoise_calls += 1
-            if self.guided:  # linear in the prediction: the same in velocity, noise or x0 space
-                cond_pred, uncond_pred = pred.chunk(2)
-                pred = uncond_pred + self.guidance * (cond_pred - uncond_pred)
-            if x0 and i == steps - 1:  # the exit: this x0 is the chunk
-                x = pred
-            elif x0:  # re-noise the x0 prediction to the next level with this step's own noise
-                x = sampler.step(x, pred, i, renoise[i])
-            else:
-                x = sampler.step(x, pred, i)
+            with self._network(grad and i == run.steps - 1):
+                pred = self.engine.denoise(xin, t, sc, x0=self.sampler.predicts_x0)
+            run.update(i, pred)
         if trajectory is not None:
-            trajectory.append(x)
-        row_steps = rows * steps
-        self.stats.steps_total += row_steps
+            trajectory.append(run.x)
+        row_steps = run.count()
         if sc is not None:
             sc.end_chunk()  # the write pass always runs the whole network
             row_steps = sc.computed - before
         self.stats.steps_computed += row_steps
-        return x
+        return run.x
+
+    def _check_source(self, source, strength):
+        if source is None:
+            if strength is not None:
+                raise ValueError("strength needs a source chunk (video-to-video)")
+            return None
+        cfg = self.model.config
+        want = (self.batch, cfg.in_channels, cfg.chunk_frames, *cfg.frame_size)
+        if tuple(source.shape) != want:
+            raise ValueError(f"a source chunk must be (B, C, l, H, W) = {want}, got {tuple(source.shape)}")
+        if strength is None:
+            raise ValueError("a source chunk needs a strength in (0, 1]")
+        if self.step_cache is not None:
+            raise ValueError("video-to-video enters the schedule mid-way, which a step cache cannot; use no step cache")
+        return self.start_step(strength)
 
     def next_chunk(self, last: bool = False, frames: int | None = None, exit_step: int | None = None,
-                   grad: bool = False, trajectory: list | None = None) -> torch.Tensor:
+                   grad: bool = False, trajectory: list | None = None, source: torch.Tensor | None = None,
+                   strength: float | None = None) -> torch.Tensor:
         """The next chunk (B, C, f, H, W): chunk 0 (the given first frames) first when the model
         takes them, then one generated chunk per call.
 
@@ -306,6 +424,11 @@ class StreamSession:
         after which the session has ended. frames: keep only the first ``frames`` of the chunk (a
         video's trimmed end; counted in ``stats.frames``). The session keeps no reference to what
         it returns.
+
+        source, strength — streaming video-to-video (CausVid): the source chunk (B, C, l, H, W) is
+        noised to the level that ``strength`` maps to (``start_step``) with the chunk's own starting
+        noise, and the remaining steps denoise it against the cache of the generated output, which
+        the result then joins. Strength 1 ignores the source: exactly ``next_chunk()``.
 
         exit_step, grad — the Self-Forcing rollout (few-step levels only): the chunk is the x0
         predicted at step ``exit_step`` (earlier steps as usual, later ones skipped), and with
@@ -322,13 +445,13 @@ class StreamSession:
                 raise ValueError(f"exit_step must be in [0, {len(self.sampler)}), got {exit_step}")
         if grad and (exit_step is None or self.step_cache is not None):
             raise ValueError("grad=True needs an exit_step and no step cache (one differentiable step per chunk)")
-        if self.ended:
-            raise RuntimeError("this stream has ended: its last chunk was not written into the context")
+        self._check_open()
+        self._check_source(source, strength)
         l = self.model.config.chunk_frames
         keep = l if frames is None else frames
         if not 1 <= keep <= l or (keep < l and not last):
             raise ValueError(f"frames={frames}: a chunk keeps 1 to {l} frames, fewer only in the last one (last=True)")
-        stats, k = self.stats, self.chunk
+        k = self.chunk
         if k == 0:  # the given frames: clean context, returned as given
             first = self._first.to(self.model.device, self.model.dtype)
             self._first = None
@@ -336,15 +459,256 @@ class StreamSession:
             self.chunk = 1
             return first.clone()
         tc = time.perf_counter()
-        x = self._denoise(k, exit_step, grad, trajectory)
+        x = self._denoise(k, exit_step, grad, trajectory, source, strength)
         if last:
             self.ended = True
         else:
             self._append(x, k)
+        self._count(keep, time.perf_counter() - tc)
+        return x[:, :, :keep] if keep < l else x
+
+    def _count(self, frames: int, seconds: float) -> None:
+        stats = self.stats
         self.chunk += 1
         stats.chunks += 1
-        stats.frames += keep
-        stats.chunk_seconds.append(time.perf_counter() - tc)
+        stats.frames += frames
+        stats.chunk_seconds.append(seconds)
         if stats.seconds_to_first_chunk is None:
             stats.seconds_to_first_chunk = time.perf_counter() - self._t0
-        return x[:, :, :keep] if keep < l else x
+
+    # -- batching --------------------------------------------------------------------------------
+    def batch_key(self, strength: float | None = None):
+        """Sessions with equal keys can run their next chunk as one batched forward (``next_chunks``):
+        the same model, sampler, dtypes, guidance on or off and starting step. None: this session's next
+        chunk runs alone (not the shared mode, a step cache, the given first frames, or ended)."""
+        if self.mode != "shared" or self.step_cache is not None or self.chunk == 0 or self.ended:
+            return None
+        m, c = self.model, self.engine.cache
+        start = 0 if strength is None else self.start_step(strength)
+        return (id(m), m.dtype, c.dtype, self.autocast, type(self.sampler).__name__,
+                tuple(self.sampler.timesteps), self.guided, c.prefix_len, start)
+
+    # -- saving ------------------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write the whole stream to one safetensors file, atomically: the cache (or the history of a
+        recompute mode), the kept frames, the prepared conditioning and the prompts, the counters and
+        the noise positions (seeds and chunk index). ``StreamSession.load`` continues it bit for bit
+        (same dtype, device kind and thread count)."""
+        t = {}
+        if self.mode == "shared":
+            t.update({f"cache.{n}": b for n, b in self.engine.cache.buffers().items()})
+        elif self.engine.history is not None:
+            t["history"] = self.engine.history
+        for name, value in (("kept", self.kept), ("first", self._first), ("labels", self.labels),
+                            ("cond.mask", self.cond.mask), ("cond.vector", self.cond.vector)):
+            if value is not None:
+                t[name] = value
+        for i, (k, v) in enumerate(self.cond.kv or []):
+            t[f"cond.k.{i}"], t[f"cond.v.{i}"] = k, v
+        for name, text in (("prompt", self.prompt), ("negative", self.negative_prompt)):
+            if text is not None:
+                t[f"{name}.states"], t[f"{name}.mask"] = text.states, text.mask
+        s = self.stats
+        meta = dict(format=STREAM_FORMAT, config=self.model.config.to_dict(), mode=self.mode, batch=self.batch,
+                    seeds=self.seeds, guidance=self.guidance, context_noise=self.context_noise,
+                    dtype=str(self.model.dtype), cache_dtype=str(self.cache_dtype),
+                    autocast=None if self.autocast is None else str(self.autocast),
+                    levels=getattr(self.sampler, "levels", None),
+                    steps=None if self.sampler.predicts_x0 else len(self.sampler),
+                    step_cache=None if self.step_cache is None else asdict(self.step_cache.config),
+                    chunk=self.chunk, ended=self.ended, kept_start=self.kept_start,
+                    frames_written=self.engine.cache.frames_written if self.mode == "shared" else None,
+                    history_start=None if self.mode == "shared" else self.engine.start,
+                    stats={f: getattr(s, f) for f in ("chunks", "frames", "denoise_calls", "write_calls",
+                                                     "steps_computed", "steps_total")})
+        return save_safetensors(t, path, metadata={"stream": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path, model: CausalVideoDiT) -> "StreamSession":
+        """A stream written by ``save``, continued over ``model`` (which must have the saved config and
+        dtype). A file that is not a saved stream, or one that does not fit the model, is a ValueError."""
+        t, meta = _read_stream(path)
+        if meta["config"] != model.config.to_dict():
+            raise ValueError(f"{path}: the stream was saved from a model with another config")
+        if meta["dtype"] != str(model.dtype):
+            raise ValueError(f"{path}: the stream was saved in {meta['dtype']}, the model is {model.dtype}")
+        dev, dt = model.device, model.dtype
+        text = lambda n: Text(t[f"{n}.states"].to(dev), t[f"{n}.mask"].to(dev)) if f"{n}.states" in t else None  # noqa: E731
+        cfg, B = model.config, meta["batch"]
+        first = t.get("first")
+        if cfg.prefix_frames and first is None:  # already written: a placeholder of the right shape
+            first = torch.zeros(B, cfg.in_channels, cfg.prefix_frames, *cfg.frame_size, dtype=dt)
+        session = cls(model, first_frames=first, prompt=text("prompt"), negative_prompt=text("negative"),
+                      labels=t.get("labels"), steps=meta["steps"], levels=meta["levels"], guidance=meta["guidance"],
+                      seed=meta["seeds"], mode=meta["mode"], batch=B, context_noise=meta["context_noise"],
+                      cache_dtype=_dtype(meta["cache_dtype"]), autocast=_dtype(meta["autocast"]),
+                      step_cache=_step_cache_config(meta["step_cache"]))
+        cond = session.cond
+        cond.mask = t["cond.mask"].to(dev) if "cond.mask" in t else None
+        cond.vector = t["cond.vector"].to(dev) if "cond.vector" in t else None
+        if cond.kv is not None:
+            cond.kv = [(t[f"cond.k.{i}"].to(dev), t[f"cond.v.{i}"].to(dev)) for i in range(len(cond.kv))]
+        engine = session.engine
+        if meta["mode"] == "shared":
+            for name, buf in engine.cache.buffers().items():
+                saved = t.get(f"cache.{name}")
+                if saved is None or saved.shape != buf.shape or saved.dtype != buf.dtype:
+                    raise ValueError(f"{path}: cache buffer {name} is missing or has another shape or dtype")
+                buf.copy_(saved)
+            engine.cache.frames_written = meta["frames_written"]
+        else:
+            engine.history = t["history"].to(dev) if "history" in t else None
+            engine.start = meta["history_start"]
+        session.kept = t["kept"].to(dev) if "kept" in t else None
+        session._first = t["first"].to(dev) if "first" in t else None
+        session.kept_start, session.chunk, session.ended = meta["kept_start"], meta["chunk"], meta["ended"]
+        for f, v in meta["stats"].items():
+            setattr(session.stats, f, v)
+        return session
+
+
+STREAM_FORMAT = "ca2vdm-stream/1"
+
+
+def _dtype(name: str | None):
+    return None if name is None else getattr(torch, name.removeprefix("torch."))
+
+
+def _step_cache_config(d: dict | None) -> StepCacheConfig | None:
+    """A ``StepCacheConfig`` back from its JSON form (codebook keys are strings there, tuples lists)."""
+    if d is None:
+        return None
+    d = dict(d, moreg_strides=tuple(d["moreg_strides"]), moreg_window=tuple(d["moreg_window"]))
+    if d["codebook"] is not None:
+        d["codebook"] = {float(k): v for k, v in d["codebook"].items()}
+    return StepCacheConfig(**d)
+
+
+def _read_stream(path) -> tuple[dict, dict]:
+    """The tensors and metadata of a saved stream; a clear error for anything else."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"saved stream not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("stream")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        meta = json.loads(meta) if meta else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != STREAM_FORMAT:
+        raise ValueError(f"{path}: not a saved stream (no {STREAM_FORMAT!r} metadata)")
+    return tensors, meta
+
+
+class _ChunkRun:
+    """One chunk on its way through the sampling steps: the state a denoising loop carries between
+    network calls (``StreamSession._denoise`` drives one, ``next_chunks`` several at once)."""
+
+    def __init__(self, session: StreamSession, k: int, exit_step: int | None = None,
+                 source: torch.Tensor | None = None, strength: float | None = None):
+        model, cfg, sampler = session.model, session.model.config, session.sampler
+        self.session, self.sampler, self.rows = session, sampler, session.rows
+        shape = (cfg.in_channels, cfg.chunk_frames, *cfg.frame_size)
+        self.x = chunk_noise(session.seeds, k, shape, dtype=model.dtype, device=model.device)
+        # noise streams of a chunk: 0 its starting noise, 1 context noise, 2 + i re-noising after step i
+        self.first = 0 if source is None else session.start_step(strength)
+        if self.first:  # video-to-video: the source enters the schedule at step `first`, with this noise
+            self.x = sampler.noised(source.to(model.device, model.dtype), self.x, self.first)
+        self.steps = len(sampler) if exit_step is None else exit_step + 1
+        self.renoise = None
+        if sampler.predicts_x0 and self.steps > 1:  # every re-noising draw, drawn on the host, sent in one copy
+            renoise = torch.stack([chunk_noise(session.seeds, k, shape, stream=2 + i) for i in range(self.steps - 1)])
+            self.renoise = renoise.to(device=model.device, dtype=model.dtype)
+
+    def inputs(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's input at step i: x (doubled for guidance) and its per-frame times (rows, l)."""
+        s = self.session
+        xin = torch.cat([self.x, self.x]) if s.guided else self.x
+        t = torch.full((self.rows, self.x.shape[2]), self.sampler.timesteps[i], dtype=torch.float64,
+                       device=self.x.device)
+        return xin, t
+
+    def update(self, i: int, pred: torch.Tensor) -> None:
+        """Step i's network output -> x at step i + 1 (the chunk itself after the exit step)."""
+        s, sampler = self.session, self.sampler
+        pred = pred.to(s.model.dtype)
+        s.stats.denoise_calls += 1
+        if s.guided:  # linear in the prediction: the same in velocity, noise or x0 space
+            cond_pred, uncond_pred = pred.chunk(2)
+            pred = uncond_pred + s.guidance * (cond_pred - uncond_pred)
+        if sampler.predicts_x0 and i == self.steps - 1:  # the exit: this x0 is the chunk
+            self.x = pred
+        elif sampler.predicts_x0:  # re-noise the x0 prediction to the next level with this step's own noise
+            self.x = sampler.step(self.x, pred, i, self.renoise[i])
+        else:
+            self.x = sampler.step(self.x, pred, i)
+
+    def count(self) -> int:
+        """Row-steps this chunk ran (added to ``stats.steps_total``)."""
+        row_steps = self.rows * (self.steps - self.first)
+        self.session.stats.steps_total += row_steps
+        return row_steps
+
+
+def next_chunks(sessions: list[StreamSession], sources: list | None = None,
+                strengths: list | None = None) -> list[torch.Tensor]:
+    """The next chunk of every session, each exactly what its own ``next_chunk(source=, strength=)``
+    would return, with the sessions whose ``batch_key`` agree run as one batched forward per
+    denoising step and one batched write pass (a server's streams at different frames, prompts,
+    guidance scales and seeds). Sessions that cannot be batched run alone."""
+    n = len(sessions)
+    if len({id(s) for s in sessions}) != n:
+        raise ValueError("a session may appear only once in one next_chunks call")
+    sources, strengths = sources or [None] * n, strengths or [None] * n
+    if len(sources) != n or len(strengths) != n:
+        raise ValueError(f"{n} sessions need {n} sources and strengths (None for plain generation)")
+    groups, out = {}, [None] * n
+    for j, s in enumerate(sessions):
+        s._check_open()
+        s._check_source(sources[j], strengths[j])
+        key = s.batch_key(strengths[j] if sources[j] is not None else None)
+        groups.setdefault(("alone", j) if key is None else key, []).append(j)
+    for idx in groups.values():
+        if len(idx) == 1:
+            j = idx[0]
+            out[j] = sessions[j].next_chunk(source=sources[j], strength=strengths[j])
+            continue
+        chunks = _batched_chunk([sessions[j] for j in idx], [sources[j] for j in idx], [strengths[j] for j in idx])
+        for j, x in zip(idx, chunks):
+            out[j] = x
+    return out
+
+
+def _batched_chunk(sessions: list[StreamSession], sources: list, strengths: list) -> list[torch.Tensor]:
+    """One chunk of several compatible shared-mode sessions: every denoising step and the write pass
+    run once over all their rows, against a ``CacheBatch`` of their own caches (positions per row)."""
+    tc = time.perf_counter()
+    lead, model = sessions[0], sessions[0].model
+    runs = [_ChunkRun(s, s.chunk, None, src, st) for s, src, st in zip(sessions, sources, strengths)]
+    cache = CacheBatch([s.engine.cache for s in sessions])
+    cond = functools.reduce(Condition.cat, [s.cond for s in sessions])
+    splits = [s.rows for s in sessions]
+    for i in range(runs[0].first, runs[0].steps):
+        ins = [r.inputs(i) for r in runs]
+        with lead._network():
+            pred = model.forward_cached(torch.cat([a for a, _ in ins]), torch.cat([b for _, b in ins]), cache, cond,
+                                        x0=lead.sampler.predicts_x0)
+        for r, p in zip(runs, pred.split(splits)):
+            r.update(i, p)
+    for r in runs:
+        r.session.stats.steps_computed += r.count()
+    frames = torch.cat([s._context_frames(r.x, s.chunk) for s, r in zip(sessions, runs)])
+    with lead._network():
+        model.forward_cached(frames, frames.new_zeros(frames.shape[0], frames.shape[2], dtype=torch.float64), cache,
+                             cond, write=True)
+    seconds = time.perf_counter() - tc
+    for s in sessions:
+        s.stats.write_calls += 1
+        s._count(model.config.chunk_frames, seconds)
+    return [r.x for r in runs]
