@@ -83,8 +83,10 @@ def digits_and_prompts():
 @pytest.mark.parametrize("step_cache", [None, "fixed:1"])
 def test_shipped_model_makes_the_golden_frames(digits_and_prompts, step_cache):
     """32 frames of the shipped model, recorded before the library was restructured (commit 29b3f8e).
-    Bitwise equal on the machine that recorded them; 1e-5 leaves room for another CPU's float32
-    reductions (a real change of the model or the loop moves frames by far more)."""
+    Bitwise equal on the machine that recorded them. Another CPU's float32 kernels differ in the last
+    bits (4e-6 in chunk 1 on a later machine), and 8 chunks of 20 guided steps amplify that (2e-2 in
+    the last chunk, 3e-5 on average): the first chunk is held to 1e-4 and the video to a mean of 1e-3;
+    a real change of the model or the loop (a wrong window, a wrong noise draw) moves frames by ~0.1-1."""
     from safetensors.torch import load_file
 
     from ca2vdm.generate import generate_video
@@ -93,4 +95,6 @@ def test_shipped_model_makes_the_golden_frames(digits_and_prompts, step_cache):
     video = generate_video(model, 32, prompt=prompt, steps=20, guidance=4.0, seed=[0, 1], step_cache=step_cache)
     golden = load_file(str(GOLDEN))["plain" if step_cache is None else step_cache]
     assert video.shape == golden.shape
-    assert (video - golden).abs().max().item() <= 1e-5
+    diff = (video - golden).abs()
+    assert diff[:, :, :4].max().item() <= 1e-4
+    assert diff.mean().item() <= 1e-3
