@@ -4,7 +4,9 @@
 * ``generate_video`` — the whole video as one tensor.
 * ``write_sample_gif`` — a few sample videos side by side in one GIF (training progress).
 * ``generate_to_files`` — from a checkpoint directory to mp4 / gif files (and latents), each chunk
-  appended as it is denoised: what ``ca2vdm generate`` and ``ca2vdm demo`` run.
+  appended as it is denoised: what ``ca2vdm generate`` and ``ca2vdm demo`` run (``--continue``:
+  a real clip first, ``load_clip``).
+* ``video_to_video_files`` — streaming video-to-video from a file to a file: ``ca2vdm v2v``.
 
 The loop itself, its modes, noise and step caching are ``stream.StreamSession``'s.
 """
@@ -20,7 +22,8 @@ from .conditioning import Text
 from .model import CausalVideoDiT
 from .stream import MODES, GenerationStats, StreamSession, chunk_noise
 
-__all__ = ["generate", "generate_video", "generate_to_files", "load_first_frames", "write_sample_gif",
+__all__ = ["generate", "generate_video", "generate_to_files", "video_to_video_files", "load_first_frames", "load_clip",
+           "write_sample_gif",
            "MODES", "GenerationStats", "StreamSession", "chunk_noise"]  # the last four: stream's, re-exported
 
 
@@ -29,12 +32,14 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
              steps: int | None = None, guidance: float = 1.0, seed: int | list[int] = 0, mode: str = "shared",
              batch: int | None = None, context_noise: float = 0.0, cache_dtype: torch.dtype | None = None,
              autocast: torch.dtype | None = None, step_cache=None, stats: GenerationStats | None = None,
-             levels: list[float] | None = None):
+             levels: list[float] | None = None, given: torch.Tensor | None = None):
     """Generate a video chunk by chunk, yielding each chunk (B, C, f, H, W) as soon as it exists.
 
-    The first yield is the given first frames (chunk 0) when the model takes them; every later
-    yield is one generated chunk of ``chunk_frames`` frames, the last one trimmed so that the
-    frames yielded add up to ``num_frames``. Unbounded: memory in ``shared`` mode does not grow.
+    The first yield is the given first frames (chunk 0) when the model takes them; then ``given``
+    (B, C, n * l, H, W), clean frames that continue them (a real clip), written into the context
+    (``StreamSession.extend``) and yielded back as they are; every later yield is one generated
+    chunk of ``chunk_frames`` frames, the last one trimmed so that the frames yielded add up to
+    ``num_frames``. Unbounded: memory in ``shared`` mode does not grow.
     The last chunk is not written into the cache (nothing follows it). Every other argument is
     ``StreamSession``'s: first_frames, prompt, negative_prompt, labels, steps (default 10) or levels
     (few-step noise levels), guidance, seed (an int: sample b uses seed + b; or one per sample), mode,
@@ -42,17 +47,21 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
     ``StepCache``), stats.
     """
     p, l = model.config.prefix_frames, model.config.chunk_frames
-    if num_frames <= p:
-        raise ValueError(f"num_frames={num_frames} must exceed the {p} given first frame(s)")
+    p_given = p + (0 if given is None else given.shape[2])
+    if num_frames <= p_given:
+        raise ValueError(f"num_frames={num_frames} must exceed the {p_given} given frame(s)")
     session = StreamSession(model, first_frames, prompt, negative_prompt, labels, steps, guidance, seed, mode,
                             batch, context_noise, cache_dtype, autocast, step_cache, stats, levels)
-    n_chunks = math.ceil((num_frames - p) / l)
+    n_chunks = math.ceil((num_frames - p_given) / l)
     out = []
     if p:
         out.append(session.next_chunk())
         yield out.pop()  # the generator keeps no reference to what it yields
+    if given is not None:
+        session.extend(given)
+        yield given
     for k in range(1, n_chunks + 1):
-        keep = min(l, num_frames - p - (k - 1) * l)
+        keep = min(l, num_frames - p_given - (k - 1) * l)
         out.append(session.next_chunk(last=k == n_chunks, frames=keep))
         yield out.pop()
 
@@ -95,11 +104,39 @@ def load_first_frames(path, model: CausalVideoDiT, batch: int, autoencoder) -> t
     return latents.expand(batch, -1, -1, -1, -1).to(model.device, model.dtype)
 
 
+def load_clip(path, model: CausalVideoDiT, batch: int, autoencoder, fps: float | None = None):
+    """A video that a stream continues: its frames resampled to ``fps``, resized to the model's frame
+    size and encoded, split into the first frames (B, C, p, H, W) (None for a model without them)
+    and the whole chunks after them (B, C, n * l, H, W); a trailing partial chunk is dropped."""
+    from .video import read_video
+
+    cfg = model.config
+    if autoencoder.channels != cfg.in_channels:
+        raise ValueError(f"this model works on {cfg.in_channels}-channel latents and its checkpoint names no "
+                         f"autoencoder to encode --continue with")
+    size = tuple(s * autoencoder.downsample for s in cfg.frame_size)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"video to continue not found: {path}")
+    p, l = cfg.prefix_frames, cfg.chunk_frames
+    clip = read_video(path, size, fps=fps)  # (3, F, h, w)
+    n = (clip.shape[1] - p) // l * l
+    if n < l:
+        raise ValueError(f"{path}: {clip.shape[1]} frames at {fps} fps; continuing needs at least {p + l} "
+                         f"({p} first + one chunk of {l})")
+    latents = autoencoder.encode(clip[None, :, :p + n]).expand(batch, -1, -1, -1, -1).to(model.device, model.dtype)
+    return (latents[:, :, :p] if p else None), latents[:, :, p:]
+
+
 def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=None, first_frame=None,
                       guidance=None, steps=None, seed=0, cache="shared", out="outputs/video.mp4", save_latents=None,
                       device="cpu", dtype="float32", extra_outputs=(), fps=8, scale=4, step_cache=None,
-                      progress=True, levels=None) -> dict:
+                      progress=True, levels=None, continue_from=None) -> dict:
     """Load a checkpoint, generate, append each chunk to the output file(s) as it completes.
+
+    continue_from: a video file whose frames (resampled to ``fps``, resized, whole chunks after the
+    first frames) start every video and enter the context (``StreamSession.extend``); ``frames``
+    more frames follow them. The output holds the clip's frames as the model saw them, then the
+    continuation. Without it, ``frames`` counts the given first frames too.
 
     prompts: a list of prompts (one video each, one batch) for a text model; label: an int for a
     class model. One file per video per output: ``name.mp4``, or ``name_0.mp4``, ``name_1.mp4``, ...
@@ -132,9 +169,15 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
     batch = len(prompts) if prompts else 1
     if cfg.conditioning == "none":
         guidance = 1.0
+    if first_frame and continue_from:
+        raise ValueError("--first-frame and --continue both give the first frames; use one of them")
     first = load_first_frames(first_frame, model, batch, autoencoder) if first_frame else None
+    given = None
+    if continue_from:
+        first, given = load_clip(continue_from, model, batch, autoencoder, fps)
+        frames += cfg.prefix_frames + given.shape[2]
     if cfg.prefix_frames and first is None:
-        raise ValueError(f"this model continues {cfg.prefix_frames} given frame(s): pass --first-frame")
+        raise ValueError(f"this model continues {cfg.prefix_frames} given frame(s): pass --first-frame or --continue")
     prompt = neg = labels = None
     if prompts is not None:
         from .text import get_text_encoder
@@ -167,7 +210,7 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
     try:
         for chunk in generate(model, frames, first_frames=first, prompt=prompt, negative_prompt=neg, labels=labels,
                               steps=steps, levels=levels, guidance=guidance, seed=seed,
-                              mode=cache, batch=batch, step_cache=step_cache or None, stats=stats):
+                              mode=cache, batch=batch, step_cache=step_cache or None, stats=stats, given=given):
             video = autoencoder.decode(chunk.float()).clamp(-1, 1).cpu()
             for group in writers:
                 for b, w in enumerate(group):
@@ -191,6 +234,70 @@ def generate_to_files(checkpoint, frames, prompts=None, label=None, negative=Non
         save_file({"latents": torch.cat(latents, dim=2).contiguous()}, str(save_latents))
     return dict(paths=paths, seconds=seconds, stats=stats, frames=frames, batch=batch, step_cache=step_cache,
                 sampling=sampling)
+
+
+def video_to_video_files(checkpoint, source, prompt, strength: float, out="outputs/v2v.mp4", steps=None, levels=None,
+                         guidance=None, seed=0, fps=8, scale=4, device="cpu", dtype="float32", max_frames=None,
+                         progress=True) -> dict:
+    """Streaming video-to-video (CausVid): read ``source`` as it plays (any length, resampled to
+    ``fps``, resized and cropped to the model's frames), and re-draw it chunk by chunk under
+    ``prompt``: each source chunk is noised to the level ``strength`` maps to
+    (``StreamSession.start_step``) and denoised against the cache of the output so far; every
+    output chunk is appended to ``out`` as soon as it exists. A model that takes given first
+    frames takes the source's first frames as they are. The last, partial chunk is padded with its
+    last frame and trimmed. steps / levels / guidance: default the checkpoint's recommendation.
+    Returns {"path", "seconds", "frames", "stats", "sampling", "start_step"}."""
+    from .autoencoder import load_autoencoder
+    from .checkpoint import load_checkpoint, read_config, sampling_for
+    from .text import get_text_encoder
+    from .video import VideoWriter, video_chunks
+
+    sampling = sampling_for(checkpoint, steps, levels, guidance)
+    model = load_checkpoint(checkpoint, device=device, dtype=getattr(torch, dtype))
+    cfg = model.config
+    if cfg.conditioning != "text":
+        raise ValueError(f"video-to-video is prompted: this model is {cfg.conditioning}-conditioned, not text")
+    if not Path(source).is_file():
+        raise FileNotFoundError(f"input video not found: {source}")
+    autoencoder = load_autoencoder(read_config(checkpoint).get("autoencoder", "pixel"), device)
+    size = tuple(n * autoencoder.downsample for n in cfg.frame_size)
+    p, l = cfg.prefix_frames, cfg.chunk_frames
+    reader = video_chunks(source, 1, size, max_frames, fps)
+
+    def take(n):  # the next n source frames, encoded: (1, C, <= n, H, W), or None at the end
+        got = [f for _, f in zip(range(n), reader)]
+        return autoencoder.encode(torch.cat(got, dim=1)[None]).to(model.device, model.dtype) if got else None
+
+    first = take(p) if p else None
+    nxt = take(l)
+    if nxt is None or (p and first.shape[2] < p):
+        raise ValueError(f"{source}: too short; video-to-video needs at least {p + 1} frames at {fps} fps")
+    session = StreamSession(model, first_frames=first, prompt=Text(*get_text_encoder("cpu").encode([prompt])),
+                            steps=sampling["steps"], levels=sampling["levels"], guidance=sampling["guidance"], seed=seed)
+    start = session.start_step(strength)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    writer, frames, t0 = VideoWriter(out, fps=fps, scale=scale), 0, time.perf_counter()
+    try:
+        if p:
+            writer.write(autoencoder.decode(session.next_chunk().float()).clamp(-1, 1)[0].cpu())
+            frames += p
+        while nxt is not None:
+            cur, nxt = nxt, take(l)
+            keep = cur.shape[2]
+            if keep < l:  # the clip's end: pad with its last frame, keep only the real ones
+                cur = torch.cat([cur, cur[:, :, -1:].expand(-1, -1, l - keep, -1, -1)], dim=2)
+            chunk = session.next_chunk(source=cur, strength=strength, last=nxt is None, frames=keep)
+            writer.write(autoencoder.decode(chunk.float()).clamp(-1, 1)[0].cpu())
+            frames += keep
+            if progress:
+                print(f"\r  {frames} frames ({frames / (time.perf_counter() - t0):.1f} frames/s)", end="",
+                      file=sys.stderr, flush=True)
+    finally:
+        writer.close()
+        if progress:
+            print(file=sys.stderr)
+    return dict(path=Path(out), seconds=time.perf_counter() - t0, frames=frames, stats=session.stats,
+                sampling=sampling, start_step=start)
 
 
 @torch.no_grad()

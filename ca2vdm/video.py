@@ -244,16 +244,18 @@ def resampled_frames(container, stream, fps: float | None = None, stop: int | No
             k += 1
 
 
-def read_video(path: str | Path, size: tuple[int, int] | None = None, max_frames: int | None = None,
-               fps: float | None = None) -> Tensor:
-    """Decode a video (or image) file to (C=3, F, H, W) float32 in [-1, 1].
+def video_chunks(path: str | Path, chunk: int, size: tuple[int, int] | None = None, max_frames: int | None = None,
+                 fps: float | None = None):
+    """Decode a video (or image) file as it plays, yielding (C=3, f, H, W) float32 in [-1, 1] pieces
+    of ``chunk`` frames (the last may be shorter): a clip of any length in bounded memory.
 
     size: (h, w) -> resize the shorter side (so the frame covers h x w), then center-crop.
     max_frames: stop after this many (output) frames.
     fps: resample to this frame rate by timestamp: output frame k at time k / fps shows the
          source frame on screen at that time (drops frames, or repeats them when upsampling).
+    A file that cannot be read, or that holds no frame, is a ValueError "cannot read video ...".
     """
-    out = []  # list of (3, H, W) float
+    out, any_frame = [], False  # list of (3, H, W) float
     with open_video(path) as (container, stream):
         for _, frame in resampled_frames(container, stream, fps, stop=max_frames):
             x = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)  # (3, H, W) uint8
@@ -261,9 +263,21 @@ def read_video(path: str | Path, size: tuple[int, int] | None = None, max_frames
             if size is not None:
                 x = resize_crop(x, size).clamp(-1, 1)
             out.append(x[0])
-    if not out:
+            if len(out) == chunk:
+                any_frame = True
+                yield torch.stack(out, dim=1)
+                out = []
+    if out:
+        yield torch.stack(out, dim=1)
+    elif not any_frame:
         raise ValueError(f"cannot read video {path}: no frames decoded")
-    return torch.stack(out, dim=1)  # (3, F, H, W)
+
+
+def read_video(path: str | Path, size: tuple[int, int] | None = None, max_frames: int | None = None,
+               fps: float | None = None) -> Tensor:
+    """Decode a whole video (or image) file to (C=3, F, H, W) float32 in [-1, 1] (``video_chunks``'
+    size, max_frames and fps)."""
+    return torch.cat(list(video_chunks(path, 1 << 30, size, max_frames, fps)), dim=1)
 
 
 def read_image(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
