@@ -174,3 +174,26 @@ def test_psnr_and_ssim_by_hand():
     assert len(f["psnr_per_chunk"]) == 2 and f["ssim"] == pytest.approx(ss[0])
     with pytest.raises(ValueError, match="differ in shape"):
         fidelity(v[:, :, :2], v, 2)
+
+
+def test_position_error_is_the_shift_of_the_digit():
+    clips = MovingDigits(4, 8, size=32, split="val", seed=3, max_digits=1, digit_size=12)
+    video = torch.stack([clips[i]["video"] for i in range(4)])  # (4, 3, 8, 32, 32)
+    from ca2vdm.metrics.digits import position_error
+
+    assert position_error(video, video) == pytest.approx(0.0, abs=1e-6)
+    padded = torch.nn.functional.pad(video, (8, 8, 8, 8), value=-1)  # room to shift without wrapping
+    shifted = torch.roll(padded, shifts=(3, 4), dims=(-2, -1))
+    assert position_error(shifted, padded) == pytest.approx(5.0, abs=1e-4)  # a (3, 4) px shift
+    assert position_error(torch.full_like(video, -1), video) is None  # nothing bright: no figure
+
+
+def test_a_switched_caption_names_another_digit():
+    from ca2vdm.eval.steering import other_digit
+
+    seen = set()
+    for i in range(9):
+        caption, d = other_digit("a 3 moving down and right", 3, i)
+        assert d != 3 and caption == f"a {d} moving down and right"
+        seen.add(d)
+    assert len(seen) == 9  # consecutive videos switch to every other digit

@@ -5,13 +5,16 @@
 * ``continuation`` — continue real videos from their first frames: PSNR / SSIM per chunk, FVD
 * ``step_cache``   — quality against speed of every step-caching policy, and of fewer sampling steps
 * ``distill``      — teacher and few-step students side by side: eval figures, streaming speed, goals
+* ``steering``     — a prompt switch mid-stream (re-cache, none, restart) and video-to-video strength curves
 """
 
 from .continuation import evaluate_continuations
 from .digits import evaluate_digits, held_out_clips
 from .distill import distill_report, format_distill_table, plot_distill, stream_speed
+from .steering import format_steering_tables, plot_steering, prompt_switch_report, switch_strip, v2v_report
 from .step_cache import STEP_CACHE_POLICIES, format_step_cache_table, plot_step_cache, step_cache_report
 
 __all__ = ["evaluate_continuations", "evaluate_digits", "held_out_clips", "distill_report", "format_distill_table",
            "plot_distill", "stream_speed", "STEP_CACHE_POLICIES",
-           "format_step_cache_table", "plot_step_cache", "step_cache_report"]
+           "format_step_cache_table", "plot_step_cache", "step_cache_report", "prompt_switch_report", "v2v_report",
+           "format_steering_tables", "plot_steering", "switch_strip"]

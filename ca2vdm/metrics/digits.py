@@ -36,6 +36,11 @@ def digit_probs(classifier: DigitClassifier, videos: torch.Tensor, batch: int = 
     return torch.cat(out).view(B, Fr, -1)
 
 
+def chunk_correct(classifier: DigitClassifier, videos: torch.Tensor, digits, chunk_frames: int = 4) -> torch.Tensor:
+    """(B, num_chunks) bool: whether each chunk of each video is read as exactly its digits."""
+    return _chunk_correct(digit_probs(classifier, videos), digits, chunk_frames)
+
+
 def _chunk_correct(probs: torch.Tensor, digits, chunk_frames: int) -> torch.Tensor:
     """probs (B, F, 10) -> (B, num_chunks) bool: chunk-averaged prediction set == true set."""
     target = multi_hot(digits).bool()                                       # (B, 10)
@@ -73,6 +78,27 @@ def _centroids(frame: np.ndarray, threshold: float, min_pixels: int) -> np.ndarr
     weight = (frame + 1) / 2                                               # brightness in [0, 1]
     cents = np.array(ndimage.center_of_mass(weight, labels, index), dtype=np.float64).reshape(n, 2)
     return cents[sizes >= min_pixels]
+
+
+def position_error(videos: torch.Tensor, reference: torch.Tensor, threshold: float = -0.5) -> float | None:
+    """Mean distance (px) between the brightness-weighted centroid of the bright pixels (above
+    ``threshold``, max over channels) of each frame of ``videos`` and of the same frame of ``reference``
+    (B, C, F, H, W) each: where a one-digit video puts its digit against where the reference has it.
+    Frames where either is empty are skipped; None if all are."""
+    def centroids(v):  # (B, F, 2) y, x and (B, F) whether any pixel is bright
+        bright = v.detach().float().amax(dim=1)                               # (B, F, H, W)
+        w = ((bright + 1) / 2) * (bright > threshold)
+        H, W = bright.shape[-2:]
+        ys = torch.arange(H, dtype=torch.float32)[:, None].expand(H, W)
+        xs = torch.arange(W, dtype=torch.float32)[None, :].expand(H, W)
+        total = w.sum((-1, -2))
+        c = torch.stack([(w * ys).sum((-1, -2)), (w * xs).sum((-1, -2))], -1) / total.clamp_min(1e-9)[..., None]
+        return c, total > 0
+
+    a, ok_a = centroids(videos.cpu())
+    b, ok_b = centroids(reference.cpu())
+    ok = ok_a & ok_b
+    return finite((a - b).norm(dim=-1)[ok].mean()) if bool(ok.any()) else None
 
 
 def step_displacements(videos: torch.Tensor, threshold: float = -0.5, min_pixels: int = 4,
