@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-slow demo bench clean
+.PHONY: setup test test-slow test-browser demo bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,6 +21,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The served page in headless Chromium: Debian's chromium (Playwright's own download does not work
+# offline) and the browser extra; writes docs/serve.png.
+test-browser: $(STAMP)
+	command -v chromium || (apt-get update && apt-get install -y chromium)
+	$(PY) -c "import playwright" 2>/dev/null || $(PIP) install -q -e ".[browser]"
+	$(PY) -m pytest -q -m browser tests/browser
 
 demo: $(STAMP)
 	$(VENV)/bin/ca2vdm demo

@@ -1,0 +1,173 @@
+"""Load test of ``ca2vdm serve``: N concurrent WebSocket viewers for T seconds against one server on
+loopback (a script, not a timed test: it needs a quiet machine to mean anything).
+
+    .venv/bin/python scripts/serve_load.py                       # 8 viewers, 60 s, digits-fast
+    .venv/bin/python scripts/serve_load.py --clients 8 --seconds 10 --json outputs/serve_load.json
+    .venv/bin/python scripts/serve_load.py --url http://127.0.0.1:8000   # an already running server
+
+Without ``--url`` it starts ``ca2vdm serve`` in a subprocess on a free loopback port with
+``--max-sessions`` = the number of viewers, so the RSS that ``GET /api/status`` reports is the
+server's alone. It reports, per stream: frames/s over the steady part (after the first chunk), how
+steady it is (the coefficient of variation of frames per second, the longest gap between chunks),
+the errors; the server's RSS at second 20 and at the end (goal: growth <= 20 MB; a run shorter
+than 60 s samples at a third of its length instead of 20) and whether the session count returns
+to 0 once the viewers leave. Exit status 1 when a goal is missed.
+"""
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+MAX_CLIENTS, MAX_SECONDS = 32, 600   # bounds: this is a loopback load test, not a stress tool
+RSS_GROWTH_GOAL_MB = 20.0
+HEADER_BYTES = 16
+
+
+def status(url: str) -> dict:
+    with urllib.request.urlopen(url + "/api/status", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def start_server(args) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:  # a free port (released just before the server binds it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "ca2vdm.cli", "serve", "--port", str(port), "--max-sessions", str(args.clients)]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    cmd += ["--fps", str(args.fps)] if args.fps else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url, t = f"http://127.0.0.1:{port}", time.monotonic()
+    while True:
+        try:
+            status(url)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() - t > 180:
+                proc.kill()
+                raise SystemExit(f"the server did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.25)
+
+
+async def viewer(url: str, i: int, args, until: float, out: dict) -> None:
+    """One viewer: start a stream (prompt and seed its own), read every chunk until ``until``."""
+    from websockets.asyncio.client import connect
+
+    rec = out[i] = {"arrivals": [], "frames": [], "errors": [], "t_start": time.monotonic()}
+    digit = i % 10
+    start = {"type": "start", "model": args.model, "prompt": f"a {digit} moving down and right", "seed": i}
+    try:
+        async with connect(url.replace("http", "ws", 1) + "/ws", max_size=None, open_timeout=30) as ws:
+            await ws.send(json.dumps(start))
+            while (left := until - time.monotonic()) > 0:
+                try:
+                    m = await asyncio.wait_for(ws.recv(), timeout=left)
+                except asyncio.TimeoutError:
+                    break
+                if isinstance(m, bytes):
+                    rec["arrivals"].append(time.monotonic())
+                    rec["frames"].append(int.from_bytes(m[:4], "little"))
+                else:
+                    msg = json.loads(m)
+                    if msg["type"] == "error":
+                        rec["errors"].append(msg["message"])
+    except Exception as e:  # a refused or broken connection counts as an error of this stream
+        rec["errors"].append(f"{type(e).__name__}: {e}")
+
+
+def summarise(rec: dict) -> dict:
+    arrivals, frames = rec["arrivals"], rec["frames"]
+    if len(arrivals) < 2:
+        return {"fps": 0.0, "cv": None, "max_gap_s": None, "chunks": len(arrivals), "errors": rec["errors"]}
+    end = arrivals[-1]
+    t0 = arrivals[0]  # steady part: after the first chunk (the prompt encoder, the first forward)
+    fps = sum(frames[1:]) / (arrivals[-1] - t0)
+    per_second = [0] * max(1, int(end - t0))
+    for t, f in zip(arrivals[1:], frames[1:]):
+        per_second[min(len(per_second) - 1, int(t - t0))] += f
+    mean = statistics.fmean(per_second)
+    cv = statistics.pstdev(per_second) / mean if mean else None
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return {"fps": fps, "cv": cv, "max_gap_s": max(gaps), "chunks": len(arrivals), "errors": rec["errors"],
+            "first_chunk_s": t0 - rec["t_start"]}
+
+
+async def run(url: str, args) -> dict:
+    t0 = time.monotonic()
+    until = t0 + args.seconds
+    early = 20.0 if args.seconds >= 60 else args.seconds / 3  # or later: see below
+    out = {}
+    tasks = [asyncio.create_task(viewer(url, i, args, until, out)) for i in range(args.clients)]
+    await asyncio.sleep(early)
+    while not all(out.get(i, {}).get("arrivals") for i in range(args.clients)) and time.monotonic() < until - 1:
+        await asyncio.sleep(0.1)  # the early sample after every stream's first chunk (all models and encoders loaded)
+    early = time.monotonic() - t0
+    rss_early = (await asyncio.to_thread(status, url))["rss_mb"]
+    mid = await asyncio.to_thread(status, url)
+    await asyncio.gather(*tasks)
+    rss_end = (await asyncio.to_thread(status, url))["rss_mb"]
+    t = time.monotonic()
+    while (s := await asyncio.to_thread(status, url))["sessions"] and time.monotonic() - t < 10:
+        await asyncio.sleep(0.1)
+    return {"streams": [summarise(out[i]) for i in range(args.clients)], "sessions_during": mid["sessions"],
+            "rss_mb": {f"at {early:.1f} s": rss_early, f"at {args.seconds:g} s": rss_end},
+            "rss_growth_mb": rss_end - rss_early, "sessions_after": s["sessions"],
+            "seconds_to_zero_sessions": time.monotonic() - t, "dropped": s["dropped"], "fps_target": s["fps"]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--url", help="an already running server (default: start one)")
+    p.add_argument("--model", default="digits-fast", help="the served model every viewer asks for")
+    p.add_argument("--threads", type=int, default=None, help="the started server's torch threads")
+    p.add_argument("--fps", type=float, default=None, help="the started server's --fps")
+    p.add_argument("--json", help="write the report here")
+    args = p.parse_args(argv)
+    if not 1 <= args.clients <= MAX_CLIENTS or not 1 <= args.seconds <= MAX_SECONDS:
+        raise SystemExit(f"--clients must be in 1..{MAX_CLIENTS} and --seconds in 1..{MAX_SECONDS}")
+    proc, url = (None, args.url.rstrip("/")) if args.url else start_server(args)
+    try:
+        report = asyncio.run(run(url, args))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+    report.update(clients=args.clients, seconds=args.seconds, model=args.model)
+    target = report["fps_target"]
+    print(f"{args.clients} viewers x {args.seconds:g} s, model {args.model}, target {target:g} frames/s each")
+    print(" stream  frames/s  cv(frames per s)  longest gap  chunks  first chunk  errors")
+    for i, s in enumerate(report["streams"]):
+        cv = "-" if s["cv"] is None else f"{s['cv']:.2f}"
+        gap = "-" if s["max_gap_s"] is None else f"{s['max_gap_s']:.2f} s"
+        first = f"{s['first_chunk_s']:.1f} s" if "first_chunk_s" in s else "-"
+        print(f" {i:6d}  {s['fps']:8.2f}  {cv:>16}  {gap:>11}  {s['chunks']:6d}  {first:>11}  {len(s['errors']):6d}")
+        for e in s["errors"][:3]:
+            print(f"          error: {e}")
+    rss = ", ".join(f"{k}: {v:.1f} MB" for k, v in report["rss_mb"].items())
+    print(f"server RSS {rss}; growth {report['rss_growth_mb']:+.1f} MB (goal <= {RSS_GROWTH_GOAL_MB:g})")
+    print(f"sessions while streaming: {report['sessions_during']}; after the viewers left: {report['sessions_after']} "
+          f"(after {report['seconds_to_zero_sessions']:.2f} s); chunks dropped for slow viewers: {report['dropped']}")
+    goals = {"rss growth <= 20 MB": report["rss_growth_mb"] <= RSS_GROWTH_GOAL_MB,
+             "sessions back to 0": report["sessions_after"] == 0,
+             "no errors": not any(s["errors"] for s in report["streams"]),
+             "every stream >= 90% of the target rate": all(s["fps"] >= 0.9 * target for s in report["streams"])}
+    report["goals"] = goals
+    for name, ok in goals.items():
+        print(f"  [{'met' if ok else 'MISSED'}] {name}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if all(goals.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
