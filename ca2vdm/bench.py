@@ -242,6 +242,69 @@ def format_call_latency(result: dict) -> str:
     return "\n".join(lines)
 
 
+def stream_batching(model: CausalVideoDiT, streams: int = 8, rounds: int = 6, steps: int | None = None,
+                    levels=None, guidance: float = 1.0, text_tokens: int = 12, repeat: int = 10) -> dict:
+    """Several streams as one batched forward (``stream.next_chunks``) against one stream alone, and
+    against the ceiling this machine allows, all measured in this run.
+
+    One stream alone: steady-state chunks/s after two warm-up chunks. ``streams`` streams that joined
+    at different frames (stream j ran j chunks alone first), each with its own prompt and seed:
+    ``rounds`` timed rounds of ``next_chunks``. Ceiling: a round can be no faster than K denoising
+    calls plus one write pass at streams x rows (rows = 2 with guidance), each timed alone here on a
+    full window: aggregate ceiling = streams x chunk_frames / that time. Reports frames/s of each
+    and ``share_of_ceiling`` = batched / ceiling."""
+    from .conditioning import Text
+    from .stream import StreamSession, next_chunks
+
+    cfg, dev, dt = model.config, model.device, model.dtype
+    if cfg.prefix_frames:
+        raise ValueError("stream_batching expects a model that starts from a prompt alone (prefix_frames=0)")
+    l, rows = cfg.chunk_frames, 2 if guidance != 1.0 else 1
+    g = torch.Generator().manual_seed(0)
+
+    def session(j):
+        text = Text(torch.randn(1, text_tokens, cfg.text_dim, generator=g).to(dev, dt)) if cfg.conditioning == "text" else None
+        return StreamSession(model, prompt=text, steps=steps, levels=levels, guidance=guidance, seed=j)
+
+    alone = session(0)
+    for _ in range(2):
+        alone.next_chunk()
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        alone.next_chunk()
+    fps_alone = rounds * l / (time.perf_counter() - t0)
+    many = [session(j) for j in range(streams)]
+    for j, s in enumerate(many):  # joined at different frames
+        for _ in range(j % 4 + 2):
+            s.next_chunk()
+    next_chunks(many)  # warm-up of the batched path
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        next_chunks(many)
+    fps_many = rounds * streams * l / (time.perf_counter() - t0)
+    calls = call_latency(model, batches=(rows, streams * rows), repeat=repeat, text_tokens=text_tokens)["calls"]
+    k = len(alone.sampler)
+    round_floor = k * calls["denoise"]["seconds"][1] + calls["write"]["seconds"][1]
+    ceiling = streams * l / round_floor
+    return {"streams": streams, "rounds": rounds, "rows_per_stream": rows, "denoise_calls_per_chunk": k,
+            "frames_per_second_alone": fps_alone, "frames_per_second_batched": fps_many,
+            "speedup": fps_many / fps_alone, "ceiling_frames_per_second": ceiling,
+            "share_of_ceiling": fps_many / ceiling,
+            "call_seconds": {name: dict(zip(("alone", "batched"), c["seconds"])) for name, c in calls.items()},
+            "threads": torch.get_num_threads()}
+
+
+def format_stream_batching(r: dict) -> str:
+    c = r["call_seconds"]
+    return "\n".join([
+        f"{r['streams']} streams batched: {r['frames_per_second_batched']:.1f} frames/s in all; one stream alone: "
+        f"{r['frames_per_second_alone']:.1f} frames/s ({r['speedup']:.2f}x)",
+        f"ceiling: {r['denoise_calls_per_chunk']} denoising calls + 1 write at {r['streams'] * r['rows_per_stream']} rows "
+        f"({c['denoise']['batched'] * 1e3:.1f} + {c['write']['batched'] * 1e3:.1f} ms; at {r['rows_per_stream']} row(s): "
+        f"{c['denoise']['alone'] * 1e3:.1f} + {c['write']['alone'] * 1e3:.1f} ms) -> "
+        f"{r['ceiling_frames_per_second']:.1f} frames/s; batched reaches {r['share_of_ceiling']:.0%} of it"])
+
+
 def _worker(queue, fn, *args):
     try:
         queue.put(("ok", fn(*args)))

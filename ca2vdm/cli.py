@@ -40,6 +40,21 @@ def _save(report: dict, json_path=None, plot_path=None, plot=None):
 def _bench(args):
     from .bench import PRESETS, benchmark, call_latency, device_name, format_call_latency, format_table, plot_benchmark
 
+    if args.streams:
+        import torch
+
+        from .bench import format_stream_batching, stream_batching
+        from .checkpoint import load_checkpoint, sampling_for
+
+        sampling = sampling_for(args.checkpoint)
+        model = load_checkpoint(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+        print(f"{args.streams} streams of {args.checkpoint} as one batched forward ({torch.get_num_threads()} threads)")
+        result = dict(checkpoint=str(args.checkpoint), device=device_name(args.device), sampling=sampling,
+                      **stream_batching(model, args.streams, steps=sampling["steps"], levels=sampling["levels"],
+                                        guidance=sampling["guidance"]))
+        print(format_stream_batching(result))
+        _save(result, args.json)
+        return
     if args.calls:
         import torch
 
@@ -110,8 +125,23 @@ def _generate(args):
     result = generate_to_files(args.checkpoint, args.frames, prompts, args.label, args.negative_prompt,
                                args.first_frame, args.guidance, args.steps, args.seed, args.cache, args.out,
                                args.save_latents, device, args.dtype, fps=args.fps, scale=args.scale,
-                               step_cache=args.step_cache, levels=args.levels)
+                               step_cache=args.step_cache, levels=args.levels, continue_from=args.continue_from)
     _report(result)
+
+
+def _v2v(args):
+    from .generate import video_to_video_files
+
+    device, _ = _device_and_dtype(args)
+    result = video_to_video_files(args.checkpoint, args.input, args.prompt, args.strength, args.out, args.steps,
+                                  args.levels, args.guidance, args.seed, args.fps, args.scale, device, args.dtype,
+                                  args.max_frames)
+    sampling = result["sampling"]
+    n = len(sampling["levels"]) if sampling["levels"] else sampling["steps"]
+    print(f"strength {args.strength}: the source enters at step {result['start_step'] + 1} of {n} "
+          f"({n - result['start_step']} denoising steps per chunk)")
+    print(f"{result['frames']} frames in {result['seconds']:.1f} s "
+          f"({result['frames'] / result['seconds']:.1f} frames/s) -> {result['path']}")
 
 
 def _demo(args):
@@ -211,6 +241,27 @@ def _bench_step_cache(args):
     _save(report, args.json, args.plot, plot_step_cache)
 
 
+def _eval_steering(args):
+    from .eval import format_steering_tables, plot_steering, prompt_switch_report, switch_strip, v2v_report
+
+    switch = v2v = None
+    if args.what in ("all", "switch"):
+        print(f"prompt switch: {args.videos} videos x {args.frames} frames, switch at frame {args.switch_at}")
+        switch = prompt_switch_report(args.checkpoint, args.videos, args.frames, args.switch_at, args.seed, args.steps,
+                                      args.levels, args.guidance)
+        if args.strip:
+            switch_strip(switch, args.strip)
+            print(f"wrote {args.strip}")
+        switch.pop("videos")
+    if args.what in ("all", "v2v"):
+        strengths = [float(s) for s in args.strengths.split(",")]
+        print(f"video-to-video: {args.videos} held-out clips x {args.v2v_frames} frames, strengths {strengths}")
+        v2v = v2v_report(args.checkpoint, args.videos, args.v2v_frames, strengths, args.seed, args.steps, args.levels,
+                         args.guidance)
+    print(format_steering_tables(switch, v2v))
+    _save({"prompt_switch": switch, "v2v": v2v}, args.json, args.plot, lambda r, p: plot_steering(switch, v2v, p))
+
+
 def _encode(args):
     from .autoencoder import encode_dataset, load_autoencoder
     from .config import ModelConfig
@@ -256,6 +307,22 @@ def _distill(args):
     distill_from_config(cfg, STAGES if args.stage == "all" else (args.stage,))
 
 
+def _model_spec(text):
+    """--model NAME=DIR -> (NAME, DIR)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--model takes NAME=DIR, got {text!r}")
+    return name, path
+
+
+def _serve(args):
+    from .serve.app import serve
+
+    models = dict(args.model) if args.model else None
+    serve(host=args.host, port=args.port, models=models, max_sessions=args.max_sessions, fps=args.fps,
+          threads=args.threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ca2vdm", description="Efficient autoregressive video diffusion (Ca2-VDM).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -299,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--label", type=int, help="class label (class-conditioned models)")
     g.add_argument("--negative-prompt", help="prompt for the unconditional guidance branch")
     g.add_argument("--first-frame", help="image, or video whose last frames start the video (resized)")
+    g.add_argument("--continue", dest="continue_from", metavar="VIDEO",
+                   help="continue a real clip: its frames (at --fps, whole chunks) enter the context and start "
+                        "the output, then --frames more frames are generated")
     g.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     g.add_argument("--steps", type=int, help=STEPS_HELP)
     g.add_argument("--levels", type=_levels, help=LEVELS_HELP)
@@ -315,6 +385,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=8)
     g.add_argument("--scale", type=int, default=4, help="integer upscaling of the written frames (default 4)")
     g.set_defaults(func=_generate)
+
+    v = sub.add_parser("v2v", help="streaming video-to-video: re-draw a video under a prompt, chunk by chunk",
+                       description="Read --input as it plays (any length; resampled to --fps, resized and cropped "
+                                   "to the model), noise each chunk to the level --strength maps to (the first "
+                                   "sampling step whose noise level is <= S; 1 = from pure noise, ignoring the "
+                                   "input) and denoise it against the cache of the output so far (CausVid); each "
+                                   "output chunk is appended to --out as soon as it exists.")
+    v.add_argument("--input", required=True, help="video file to re-draw")
+    v.add_argument("--prompt", required=True, help="text prompt")
+    v.add_argument("--strength", type=float, required=True, help="in (0, 1]: how much of the input is re-drawn")
+    v.add_argument("--out", default="outputs/v2v.mp4", help="output .mp4 or .gif (default outputs/v2v.mp4)")
+    v.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the shipped model)")
+    v.add_argument("--steps", type=int, help=STEPS_HELP)
+    v.add_argument("--levels", type=_levels, help=LEVELS_HELP)
+    v.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--fps", type=float, default=8, help="frame rate the input is resampled to and the output has (default 8)")
+    v.add_argument("--scale", type=int, default=4, help="integer upscaling of the written frames (default 4)")
+    v.add_argument("--max-frames", type=int, help="stop after this many input frames")
+    v.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    v.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
+    v.set_defaults(func=_v2v)
 
     d = sub.add_parser("demo", help="generate a long video with the shipped moving-digits model",
                        description="Generate a video from a prompt alone with the shipped default model and write "
@@ -391,7 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calls", action="store_true",
                    help="instead: per-call latency of a checkpoint's cached step and write pass at batch 1-16, "
                         "with the overhead that does not grow with the batch separated from compute")
-    b.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="with --calls (default: the shipped model)")
+    b.add_argument("--streams", type=int, metavar="N",
+                   help="N streams of --checkpoint batched into one forward against one alone and the ceiling")
+    b.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="with --calls or --streams (default: the shipped model)")
     b.add_argument("--json", help="also write the result as JSON to this file")
     b.add_argument("--plot", help="also write a PNG: time per step vs step, cumulative time vs frames")
     b.set_defaults(func=_bench)
@@ -430,6 +525,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", help="write the report here")
     r.add_argument("--plot", help="write the quality-speed PNG here")
     r.set_defaults(func=_bench_step_cache)
+
+    w = sub.add_parser("eval-steering", help="prompt switching and video-to-video figures on moving digits",
+                       description="A prompt switch mid-stream (re-cache / no re-cache / restart: share of chunks "
+                                   "read as the new digit) and video-to-video of held-out clips prompted as another "
+                                   "digit at several strengths (share read as the prompted digit, position error).")
+    w.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="default: the shipped model")
+    w.add_argument("--what", choices=["all", "switch", "v2v"], default="all")
+    w.add_argument("--videos", type=int, default=16)
+    w.add_argument("--frames", type=int, default=128, help="prompt switch: video length (default 128)")
+    w.add_argument("--switch-at", type=int, default=64, help="prompt switch: the frame of the switch (default 64)")
+    w.add_argument("--v2v-frames", type=int, default=64, help="video-to-video: frames per clip (default 64)")
+    w.add_argument("--strengths", default="0.4,0.5,0.6,0.7,0.8,0.9,1.0")
+    w.add_argument("--steps", type=int, help=STEPS_HELP)
+    w.add_argument("--levels", type=_levels, help=LEVELS_HELP)
+    w.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
+    w.add_argument("--seed", type=int, default=1000, help="first held-out clip seed and generation seed")
+    w.add_argument("--json", help="write the report here")
+    w.add_argument("--plot", help="write the curves as a PNG here")
+    w.add_argument("--strip", help="write frames around the switch (one row per mode) as a PNG here")
+    w.set_defaults(func=_eval_steering)
+
+    v = sub.add_parser("serve", help="a browser app that streams generated video to several viewers at once",
+                       description="Serve the web page and the WebSocket stream protocol (ca2vdm/serve).")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--max-sessions", type=int, default=4, help="streams generated at once; more get a busy error")
+    v.add_argument("--fps", type=float, default=None, help="playback and pacing rate (default: 8, the digits clips')")
+    v.add_argument("--model", action="append", type=_model_spec, metavar="NAME=DIR",
+                   help="a checkpoint to serve (repeatable; default: the shipped digits and digits-fast)")
+    v.add_argument("--threads", type=int, default=None, help="torch threads of the generation worker")
+    v.set_defaults(func=_serve)
     return parser
 
 

@@ -46,7 +46,7 @@ def image_checkpoint(tmp_path_factory):
 
 
 def test_every_subcommand_has_help():
-    for sub in ("", "generate", "demo", "train", "eval", "export", "bench", "bench-step-cache"):
+    for sub in ("", "generate", "v2v", "demo", "train", "eval", "export", "bench", "bench-step-cache"):
         r = ca2vdm(*([sub] if sub else []), "--help")
         assert r.returncode == 0 and "usage: ca2vdm" in r.stdout, (sub, r.stderr)
 
@@ -307,3 +307,70 @@ def test_bench_calls_separates_overhead_from_compute(text_checkpoint, tmp_path):
     for call in result["calls"].values():
         assert len(call["seconds"]) == 5 and all(s > 0 for s in call["seconds"])
     assert "overhead at B=1" in r.stdout
+
+
+def _clip(path, frames, fps, size=(24, 40)):
+    from ca2vdm.video import VideoWriter
+
+    with VideoWriter(path, fps=fps) as w:
+        w.write(torch.rand(3, frames, *size) * 2 - 1)
+    return path
+
+
+def test_v2v_streams_a_video_of_any_size_and_rate(text_checkpoint, tmp_path):
+    """20 frames of 24x40 at 12 fps, resampled to 8 fps (14 frames: the last chunk is partial),
+    cropped to the model's 8x8; strength 0.5 enters a 4-step schedule mid-way."""
+    from ca2vdm.video import read_video
+
+    src, out = _clip(tmp_path / "in.mp4", 20, 12), tmp_path / "out.mp4"
+    r = ca2vdm("v2v", "--checkpoint", text_checkpoint, "--input", src, "--prompt", "a 5 moving up",
+               "--strength", 0.5, "--steps", 4, "--fps", 8, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "enters at step" in r.stdout and "14 frames" in r.stdout
+    video = read_video(out)
+    assert video.shape == (3, 14, 32, 32)  # 8x8 frames written at --scale 4
+
+
+def test_v2v_bad_input_is_one_line_and_writes_nothing(text_checkpoint, tmp_path):
+    bad, out = tmp_path / "bad.mp4", tmp_path / "out.mp4"
+    bad.write_bytes(b"not a video")
+    r = ca2vdm("v2v", "--checkpoint", text_checkpoint, "--input", bad, "--prompt", "a 5", "--strength", 0.5, "--out", out)
+    assert r.returncode != 0 and "cannot read video" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    r = ca2vdm("v2v", "--checkpoint", text_checkpoint, "--input", _clip(tmp_path / "ok.mp4", 4, 8), "--prompt", "a 5",
+               "--strength", 1.5, "--out", out)
+    assert r.returncode != 0 and "strength must be in (0, 1]" in r.stderr and not out.exists()
+
+
+def test_continue_a_real_clip(image_checkpoint, tmp_path):
+    """A model with 1 given frame and chunks of 2: a 7-frame clip gives its first frame and 3 whole
+    chunks to the context; 4 frames follow; the output holds all 11."""
+    from ca2vdm.video import read_video
+
+    out = tmp_path / "cont.mp4"
+    r = ca2vdm("generate", "--checkpoint", image_checkpoint, "--continue", _clip(tmp_path / "c.mp4", 7, 8, (8, 8)),
+               "--frames", 4, "--steps", 1, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert read_video(out).shape[1] == 11
+    r = ca2vdm("generate", "--checkpoint", image_checkpoint, "--continue", _clip(tmp_path / "s.mp4", 2, 8, (8, 8)),
+               "--frames", 4, "--steps", 1, "--out", out)
+    assert r.returncode != 0 and "continuing needs at least 3" in r.stderr
+
+
+def test_eval_steering_reports_the_switch_and_the_v2v_curve(tmp_path):
+    ckpt = tmp_path / "one_digit"
+    save_checkpoint(ckpt, tiny_model(dtype=torch.float32, frame_size=32, patch=8, prefix_frames=0,
+                                     conditioning="text", text_dim=384),
+                    {"data": {"dataset": "moving-digits", "max_digits": 1}})
+    out, strip = tmp_path / "steer.json", tmp_path / "strip.png"
+    r = ca2vdm("eval-steering", "--checkpoint", ckpt, "--videos", 2, "--frames", 8, "--switch-at", 4, "--v2v-frames", 4,
+               "--strengths", "0.5,1.0", "--steps", 2, "--json", out, "--strip", strip)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    modes = report["prompt_switch"]["modes"]
+    assert set(modes) == {"recache", "no-recache", "restart"} and all(len(m["new_digit"]) == 2 for m in modes.values())  # 4 frames, chunks of 2
+    rows = report["v2v"]["rows"]
+    assert [r["start_step"] for r in rows] == [1, 0]  # 2 flow steps: sigma 1, then 0.001; 0.5 enters at the second
+    assert strip.stat().st_size > 0
+    r = ca2vdm("eval-steering", "--checkpoint", ckpt, "--videos", 2, "--frames", 8, "--switch-at", 3, "--what", "switch")
+    assert r.returncode != 0 and "multiple of the chunk length" in r.stderr
