@@ -235,6 +235,14 @@ def _bench_step_cache(args):
     print(f"step-cache report: {args.videos} videos x {args.frames} frames, {args.steps} steps, every policy in "
           f"this process")
     kw = dict(policies=policies) if policies else {}
+    if args.held_context:
+        from .eval import format_held_context_table, held_context_report
+
+        report = held_context_report(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed,
+                                     batch=args.batch, **kw)
+        print(format_held_context_table(report))
+        _save(report, args.json)
+        return
     report = step_cache_report(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed,
                                batch=args.batch, **kw)
     print(format_step_cache_table(report))
@@ -522,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch", type=int, default=8, help="videos generated together")
     r.add_argument("--policies", help="comma-separated, default: adacache,adacache-moreg,fixed:1,fixed:2,"
                                       "first-block:0.12")
+    r.add_argument("--held-context", action="store_true",
+                   help="per-chunk error with the context held identical: every run denoises chunk k against the "
+                        "uncached run's cache (and fewer uncached steps beside the policies)")
     r.add_argument("--json", help="write the report here")
     r.add_argument("--plot", help="write the quality-speed PNG here")
     r.set_defaults(func=_bench_step_cache)

@@ -467,6 +467,16 @@ class StreamSession:
         self._count(keep, time.perf_counter() - tc)
         return x[:, :, :keep] if keep < l else x
 
+    def draft_chunk(self, source: torch.Tensor | None = None, strength: float | None = None) -> torch.Tensor:
+        """The next chunk as ``next_chunk`` would denoise it, without writing it into the context or
+        advancing: the stream is left as it was (its counters aside). With ``extend`` of another
+        stream's chunk after it, a policy can be measured against a context held identical."""
+        self._check_open()
+        self._check_source(source, strength)
+        if self.chunk == 0:
+            raise ValueError("the next chunk is the given first frames; there is nothing to denoise")
+        return self._denoise(self.chunk, source=source, strength=strength)
+
     def _count(self, frames: int, seconds: float) -> None:
         stats = self.stats
         self.chunk += 1

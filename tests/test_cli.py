@@ -374,3 +374,15 @@ def test_eval_steering_reports_the_switch_and_the_v2v_curve(tmp_path):
     assert strip.stat().st_size > 0
     r = ca2vdm("eval-steering", "--checkpoint", ckpt, "--videos", 2, "--frames", 8, "--switch-at", 3, "--what", "switch")
     assert r.returncode != 0 and "multiple of the chunk length" in r.stderr
+
+
+def test_bench_step_cache_with_the_context_held(digits_checkpoint, tmp_path):
+    js = tmp_path / "held.json"
+    r = ca2vdm("bench-step-cache", "--held-context", "--checkpoint", digits_checkpoint, "--videos", 2, "--frames", 8,
+               "--steps", 4, "--policies", "fixed:1,first-block:0", "--batch", 2, "--json", js)
+    assert r.returncode == 0, r.stderr
+    rows = {x["name"]: x for x in json.loads(js.read_text())["rows"]}
+    assert set(rows) == {"fixed:1", "first-block:0", "uncached, 3 steps", "uncached, 2 steps"}
+    assert rows["first-block:0"]["psnr_per_chunk"] == [100.0] * 4  # never reuses: the reference's own chunks
+    assert rows["fixed:1"]["fraction_computed"] == 0.75 and min(rows["fixed:1"]["psnr_per_chunk"]) < 100
+    assert rows["uncached, 2 steps"]["fraction_computed"] == 0.5

@@ -272,3 +272,12 @@ def test_next_chunks_refuses_a_session_twice():
     s = _session(model)
     with pytest.raises(ValueError, match="only once"):
         next_chunks([s, s])
+
+
+def test_a_draft_chunk_leaves_the_stream_as_it_was():
+    model = _model()
+    a, b = _session(model), _session(model)
+    _run(a, 3), _run(b, 3)
+    draft = a.draft_chunk()
+    assert torch.equal(draft, a.next_chunk()) and torch.equal(draft, b.next_chunk())
+    assert a.chunk == b.chunk and torch.equal(a.kept, b.kept)

@@ -92,6 +92,73 @@ def step_cache_report(checkpoint, videos: int = 8, frames: int = 64, steps: int 
                 guidance=guidance, seed=seed, chunk_frames=l, runs=runs, fewer_steps=baselines)
 
 
+@torch.no_grad()
+def held_context_report(checkpoint, videos: int = 8, frames: int = 64, steps: int = 20, guidance: float | None = None,
+                        seed: int = 2000, policies=STEP_CACHE_POLICIES, fewer_steps=None, batch: int = 8,
+                        log=print) -> dict:
+    """Step-cache error with the context held identical: each policy (and each uncached run with
+    fewer steps) denoises chunk k against the cache of the uncached ``steps``-step run
+    (``StreamSession.draft_chunk``, then ``extend`` with the reference chunk), so a chunk's error is
+    that chunk's own and never the trajectory's divergence. Rows: fraction of block-stack steps
+    computed, PSNR / SSIM per chunk and overall against the reference chunks. ``fewer_steps``
+    defaults to 80%, 55%, 50% and 40% of ``steps`` (the shares the policies reach on the shipped model)."""
+    from ..stream import StreamSession
+    from ..text import get_text_encoder
+
+    guidance = guidance_for(checkpoint, guidance)
+    model = load_checkpoint(checkpoint)
+    cfg = model.config
+    if cfg.prefix_frames:
+        raise ValueError("held_context_report expects a model that starts from a prompt alone")
+    items = held_out_clips(checkpoint, model, videos, frames, seed)
+    enc = get_text_encoder("cpu")
+    if fewer_steps is None:
+        fewer_steps = sorted({max(1, round(steps * f)) for f in (0.8, 0.55, 0.5, 0.4)} - {steps}, reverse=True)
+    candidates = [(p, dict(steps=steps, step_cache=p)) for p in policies]
+    candidates += [(f"uncached, {n} steps", dict(steps=n)) for n in fewer_steps]
+    drafts, refs, counts = {name: [] for name, _ in candidates}, [], {name: [0, 0] for name, _ in candidates}
+    n_chunks = frames // cfg.chunk_frames
+    for b in range(0, videos, batch):
+        part = items[b:b + batch]
+        kw = dict(prompt=Text(*enc.encode([it["caption"] for it in part])), guidance=guidance,
+                  seed=[seed + b + i for i in range(len(part))])
+        ref = StreamSession(model, steps=steps, **kw)
+        others = {name: StreamSession(model, **kw, **c) for name, c in candidates}
+        ref_chunks, got = [], {name: [] for name in others}
+        for _ in range(n_chunks):
+            for name, s in others.items():
+                got[name].append(s.draft_chunk())
+            ref_chunks.append(ref.next_chunk())
+            for s in others.values():
+                s.extend(ref_chunks[-1])
+        refs.append(torch.cat(ref_chunks, dim=2).float().cpu())
+        for name, s in others.items():
+            drafts[name].append(torch.cat(got[name], dim=2).float().cpu())
+            c = counts[name]
+            c[0] += s.stats.steps_computed
+            c[1] += s.stats.steps_total
+        log(f"  {b + len(part)}/{videos} videos")
+    reference = torch.cat(refs).clamp(-1, 1)
+    rows = []
+    for name, c in candidates:
+        fraction = counts[name][0] / counts[name][1] * (c["steps"] / steps)
+        row = dict(name=name, fraction_computed=fraction)
+        row.update(fidelity(torch.cat(drafts[name]).clamp(-1, 1), reference, cfg.chunk_frames))
+        rows.append(row)
+        log(f"  {name:<22} {fraction:6.1%} computed  PSNR {row['psnr']:6.2f} dB  SSIM {row['ssim']:.4f}")
+    return dict(device=device_name("cpu"), checkpoint=str(checkpoint), videos=videos, frames=frames, steps=steps,
+                guidance=guidance, seed=seed, chunk_frames=cfg.chunk_frames, rows=rows)
+
+
+def format_held_context_table(report: dict) -> str:
+    lines = [f"context held identical: every chunk denoised against the uncached {report['steps']}-step run's cache",
+             f"{'run':<24}{'computed':>9}{'PSNR dB':>9}{'SSIM':>8}{'worst chunk PSNR':>18}"]
+    for r in report["rows"]:
+        lines.append(f"{r['name']:<24}{r['fraction_computed']:>9.1%}{r['psnr']:>9.2f}{r['ssim']:>8.4f}"
+                     f"{min(r['psnr_per_chunk']):>18.2f}")
+    return "\n".join(lines)
+
+
 def format_step_cache_table(report: dict) -> str:
     lines = [f"device: {report['device']}   {report['videos']} videos x {report['frames']} frames   "
              f"{report['steps']} steps   guidance {report['guidance']}",
