@@ -49,6 +49,9 @@ class ModelConfig:
     chunk_frames: int = 4           # l: frames per generated chunk
     prefix_frames: int = 1          # given first frames (chunk 0); 0 = a prompt alone starts the video
     max_context_frames: int = 9     # P_max: cached frames a chunk attends to
+    temporal: str = "causal"        # "causal": the chunked causal attention set (cached generation);
+                                    # "bidirectional": every frame of a clip sees every other (a teacher; no cache)
+    clip_length: int | None = None  # "bidirectional": frames per clip, default cyclic_length
     positions: str = "cyclic"       # "cyclic" (TPE table of cyclic_length rows) or "rope"
     cyclic_length: int | None = None  # L, default P_max + l
     rope_base: float = 10000.0
@@ -74,6 +77,8 @@ class ModelConfig:
         self.frame_size = tuple(int(s) for s in self.frame_size)
         if self.cyclic_length is None:
             self.cyclic_length = self.max_context_frames + self.chunk_frames
+        if self.clip_length is None and self.temporal == "bidirectional":
+            self.clip_length = self.cyclic_length
         self.validate()
 
     def validate(self):
@@ -97,6 +102,20 @@ class ModelConfig:
             bad("prefix_frames", "must be 0 or more")
         if self.max_context_frames < self.prefix_frames:
             bad("max_context_frames", f"is smaller than the {self.prefix_frames} given prefix frames")
+        if self.temporal not in ("causal", "bidirectional"):
+            bad("temporal", "must be 'causal' or 'bidirectional'")
+        if self.temporal == "bidirectional":
+            if self.prefix_frames:
+                bad("prefix_frames", "must be 0 for a bidirectional model (its clips start from the condition alone)")
+            if self.prefix_enhance:
+                bad("prefix_enhance", "attends to earlier chunks' frames, which a bidirectional clip does not have")
+            if self.clip_length < 1:
+                bad("clip_length", "must be at least 1")
+            if self.positions == "cyclic" and self.cyclic_length < self.clip_length:
+                bad("cyclic_length", f"is shorter than clip_length={self.clip_length}: frames of one clip would "
+                    "share a row")
+        elif self.clip_length is not None:
+            bad("clip_length", "is for temporal='bidirectional' (a causal model streams chunks of any number)")
         if self.positions not in ("cyclic", "rope"):
             bad("positions", "must be 'cyclic' or 'rope'")
         if self.positions == "cyclic" and self.cyclic_length < self.max_context_frames + self.chunk_frames:

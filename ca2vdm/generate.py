@@ -2,6 +2,7 @@
 
 * ``generate`` — yields each chunk (B, C, f, H, W) as soon as it exists; unbounded.
 * ``generate_video`` — the whole video as one tensor.
+* ``generate_clip`` — whole clips of a bidirectional model (a distillation teacher; it has no cache).
 * ``write_sample_gif`` — a few sample videos side by side in one GIF (training progress).
 * ``generate_to_files`` — from a checkpoint directory to mp4 / gif files (and latents), each chunk
   appended as it is denoised: what ``ca2vdm generate`` and ``ca2vdm demo`` run (``--continue``:
@@ -18,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from .conditioning import Text
+from .conditioning import Condition, Text
 from .model import CausalVideoDiT
 from .stream import MODES, GenerationStats, StreamSession, chunk_noise
 
-__all__ = ["generate", "generate_video", "generate_to_files", "video_to_video_files", "load_first_frames", "load_clip",
+__all__ = ["generate", "generate_video", "generate_clip", "generate_to_files", "video_to_video_files", "load_first_frames", "load_clip",
            "write_sample_gif",
            "MODES", "GenerationStats", "StreamSession", "chunk_noise"]  # the last four: stream's, re-exported
 
@@ -69,6 +70,46 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
 def generate_video(model: CausalVideoDiT, num_frames: int, **kwargs) -> torch.Tensor:
     """Run ``generate`` to the end and return the whole video (B, C, num_frames, H, W)."""
     return torch.cat(list(generate(model, num_frames, **kwargs)), dim=2)
+
+
+@torch.no_grad()
+def generate_clip(model: CausalVideoDiT, prompt: Text | None = None, negative_prompt: Text | None = None, labels=None,
+                  steps: int = 20, guidance: float = 1.0, seed: int | list[int] = 0, batch: int | None = None,
+                  frames: int | None = None, autocast: torch.dtype | None = None,
+                  trajectory: list | None = None) -> torch.Tensor:
+    """Sample whole clips (B, C, F, H, W) from a bidirectional model (``temporal='bidirectional'``):
+    every step denoises all F frames at one level, each frame seeing every other; F defaults to the
+    model's ``clip_length``. Noise: one generator per (seed, sample), as chunk 0 of a stream.
+    ``trajectory``: a list that receives the state before every step and, last, the clip (ODE pairs)."""
+    cfg = model.config
+    if cfg.temporal != "bidirectional":
+        raise ValueError("generate_clip samples bidirectional models; a causal model streams with generate()")
+    F = cfg.clip_length if frames is None else frames
+    B = batch or (prompt.states.shape[0] if prompt is not None else
+                  len(labels) if labels is not None else len(seed) if isinstance(seed, (list, tuple)) else 1)
+    seeds = [seed + b for b in range(B)] if isinstance(seed, int) else list(seed)
+    guided = guidance != 1.0
+    cond = model.condition(B, prompt, labels)
+    if guided:
+        cond = Condition.cat(cond, model.unconditional(B, negative_prompt))
+    x = chunk_noise(seeds, 0, (cfg.in_channels, F, *cfg.frame_size), dtype=model.dtype, device=model.device)
+    sampler = model.diffusion.sampler(steps)
+    amp = torch.autocast(model.device.type, dtype=autocast) if autocast else torch.autocast(model.device.type,
+                                                                                           enabled=False)
+    for i, tv in enumerate(sampler.timesteps):
+        if trajectory is not None:
+            trajectory.append(x)
+        xin = torch.cat([x, x]) if guided else x
+        with amp:
+            pred = model(xin, torch.full((xin.shape[0], F), tv, dtype=torch.float64, device=model.device), cond)
+        pred = pred.to(model.dtype)
+        if guided:
+            c, u = pred.chunk(2)
+            pred = u + guidance * (c - u)
+        x = sampler.step(x, pred, i)
+    if trajectory is not None:
+        trajectory.append(x)
+    return x
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ position signal, and exactness is unaffected.
 Ways to run the same weights:
 
 * ``forward`` — a full-sequence forward over a clip, temporal attention masked by
-  ``ChunkLayout.mask``: the training path and the exact oracle.
+  ``ChunkLayout.mask``: the training path and the exact oracle. A ``temporal='bidirectional'``
+  model (a teacher for distillation) has only this forward, unmasked over a clip of ``clip_length``.
 * ``forward_all_chunks`` — a context clip and noisy copies of all its chunks in one pass, each noisy
   chunk seeing exactly what its cached denoising step sees (teacher forcing when the context is
   ground truth).
@@ -246,6 +247,11 @@ class CausalVideoDiT(nn.Module):
         Fr = x.shape[2]
         frames = range(start, start + Fr)
         tpe, rope = self._positions(frames, tpe_shift)
+        if self.config.temporal == "bidirectional":  # the ordinary video DiT: one clip, every frame sees all
+            if Fr > self.config.clip_length:
+                raise ValueError(f"a bidirectional model takes clips of at most {self.config.clip_length} frames, "
+                                 f"got {Fr}")
+            return self._run(x, t, cond, FrameContext(tpe, rope), return_hidden, x0=x0)
         ctx = FrameContext(tpe, rope, mask=self.layout.mask(frames, frames, x.device))
         if self.config.prefix_enhance:
             ctx.prefix_groups = self.prefix_groups(frames)
@@ -262,6 +268,7 @@ class CausalVideoDiT(nn.Module):
         so its prediction equals what the cached denoising step of that chunk computes.
         Returns the prediction for the noisy frames (B, C, F - p, H, W).
         """
+        self.require_causal("the all-chunks layout")
         B, C, Fr = context.shape[:3]
         p = min(self.config.prefix_frames, Fr)
         if noisy.shape[2] != Fr - p or noisy.shape[:2] != context.shape[:2]:
@@ -295,6 +302,7 @@ class CausalVideoDiT(nn.Module):
     def cached_context(self, cache: KVCache, x) -> FrameContext:
         """The ``FrameContext`` of chunk x (B, C, q, H, W) as the next frames after ``cache``: checks
         that x is the next chunk for this cache; positions at its absolute frame indices."""
+        self.require_causal("a KV cache")
         if cache.batch != x.shape[0]:
             raise ValueError(f"cache is for batch {cache.batch}, video batch is {x.shape[0]}")
         Fr = x.shape[2]
@@ -356,8 +364,16 @@ class CausalVideoDiT(nn.Module):
         self._run(frames, t, cond, ctx, False, skip_output=True)
         cache.advance(end)
 
+    def require_causal(self, what: str) -> None:
+        """A clear error when a bidirectional model is asked for what only the causal attention set has."""
+        if self.config.temporal == "bidirectional":
+            raise ValueError(f"this model attends bidirectionally over whole clips ({self.config.clip_length} "
+                             f"frames): {what} needs the causal chunked attention set; sample whole clips with "
+                             "generate.generate_clip")
+
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for ``batch`` videos (2x the videos with classifier-free guidance)."""
+        self.require_causal("a KV cache")
         cfg = self.config
         return KVCache(self.layout, cfg.depth, batch, cfg.tokens, cfg.heads, cfg.hidden // cfg.heads,
                        cfg.prefix_enhance_frames if cfg.prefix_enhance else 0,

@@ -192,6 +192,7 @@ class StreamSession:
                  autocast: torch.dtype | None = None, step_cache: "str | StepCacheConfig | StepCache | None" = None,
                  stats: GenerationStats | None = None, levels: list[float] | None = None):
         cfg = model.config
+        model.require_causal("chunk-by-chunk generation")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
         if levels is not None and steps is not None and steps != len(levels):

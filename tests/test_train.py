@@ -130,8 +130,10 @@ def test_digits_config_layout():
     (dict(conditioning="class"), dict(grad_checkpointing=True)),
     (dict(conditioning="text", num_classes=0, text_dim=TEXT_DIM, prediction="sample"), {}),
     (dict(conditioning="text", num_classes=0, text_dim=TEXT_DIM, pooled_text=True), {}),
+    (dict(conditioning="text", num_classes=0, text_dim=TEXT_DIM, prefix_frames=0, temporal="bidirectional",
+          cyclic_length=10, clip_length=10), dict(layout="full-clip")),
 ], ids=["none", "class", "text", "no-prefix", "grad-accum", "context-noise", "eps", "text-rope-accum",
-        "all-chunks", "all-chunks-no-prefix", "grad-checkpointing", "x0-prediction", "pooled-text"])
+        "all-chunks", "all-chunks-no-prefix", "grad-checkpointing", "x0-prediction", "pooled-text", "bidirectional"])
 def test_one_training_step(overrides, train_overrides):
     tr = make_trainer(model_config(**overrides), train_config(**train_overrides))
     before = params(tr.model)

@@ -42,7 +42,8 @@ class TrainConfig:
     context_noise: float = 0.0     # noise augmentation of context frames (sigma for flow, timestep for eps);
                                    # read from "prefix_noise" in older configs
     autocast: str = "auto"         # "auto": bf16 (attention fp32) on CPU and CUDA; "off": model dtype
-    layout: str = "prefix"         # "prefix": the paper's one-prefix-per-batch recipe; "all-chunks": teacher forcing
+    layout: str = "prefix"         # "prefix": the paper's one-prefix-per-batch recipe; "all-chunks": teacher forcing;
+                                   # "full-clip": a bidirectional model's whole clip at one level
     grad_checkpointing: bool = False
     init_from: str | None = None   # a checkpoint directory whose (EMA) weights start a new run (fine-tuning)
     eval_every: int = 250
@@ -70,8 +71,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)}: must be 0 (off) or more")
         if self.eval_every and self.val_clips < 1:
             raise ValueError(f"TrainConfig.val_clips={self.val_clips}: must be at least 1 when eval_every > 0")
-        if self.layout not in ("prefix", "all-chunks"):
-            raise ValueError(f"TrainConfig.layout={self.layout!r}: must be 'prefix' or 'all-chunks'")
+        if self.layout not in ("prefix", "all-chunks", "full-clip"):
+            raise ValueError(f"TrainConfig.layout={self.layout!r}: must be 'prefix', 'all-chunks' or 'full-clip'")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -13,7 +13,8 @@ One step of the recipe (``ca2vdm_loss``):
    prefixes only occur at the start of a video, where inference uses the rows unshifted.
 
 ``all_chunks_loss`` noises every chunk of a clip at its own level and denoises all of them in one
-``forward_all_chunks`` pass against the clean ground-truth clip (teacher forcing). All randomness
+``forward_all_chunks`` pass against the clean ground-truth clip (teacher forcing). ``full_clip_loss``
+is the ordinary video DiT's, for a bidirectional model (a distillation teacher). All randomness
 comes from ``Draws``: one generator for what the batch shares, one per sample for the rest.
 """
 
@@ -50,7 +51,10 @@ def prefix_start(cfg: ModelConfig, n_prefix: int) -> int:
 
 
 def clip_frames(cfg: ModelConfig) -> int:
-    """Frames a training clip needs: up to a chunk whose window is full (P_max frames), plus that chunk."""
+    """Frames a training clip needs: up to a chunk whose window is full (P_max frames), plus that
+    chunk; a bidirectional model's ``clip_length``."""
+    if cfg.temporal == "bidirectional":
+        return cfg.clip_length
     lay, k = cfg.layout, 1
     while lay.chunk_start(k) < cfg.max_context_frames:
         k += 1
@@ -146,6 +150,31 @@ def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torc
     return F.mse_loss(pred.float(), target.float())
 
 
+def full_clip_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torch.Generator | Draws") -> torch.Tensor:
+    """The ordinary video DiT's loss (``full-clip`` layout, a bidirectional model): a clip of
+    ``clip_length`` frames noised at one level per clip, every frame seeing every other, the cyclic
+    TPE rows shifted uniformly over the table (so every row is trained), loss on every frame."""
+    cfg, diff, draws = model.config, model.diffusion, Draws.of(gen)
+    x0 = video[:, :, :cfg.clip_length]
+    B, Fr, dev = x0.shape[0], x0.shape[2], x0.device
+    noise = draws.randn(x0.shape).to(dev, x0.dtype)
+    level = draws.levels(diff, B, 1).expand(B, Fr).to(dev)  # one level per clip
+    pred = model(diff.add_noise(x0, noise, level), diff.model_time(level), cond, tpe_shift=random_tpe_shift(cfg, draws))
+    return F.mse_loss(pred.float(), model.target(x0, noise, level).float())
+
+
+LAYOUTS = ("prefix", "all-chunks", "full-clip")
+
+
+def check_layout(cfg: ModelConfig, layout: str) -> None:
+    """A training layout that contradicts the model's attention set is an error naming both."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if (layout == "full-clip") != (cfg.temporal == "bidirectional"):
+        raise ValueError(f"TrainConfig.layout={layout!r} contradicts ModelConfig.temporal={cfg.temporal!r}: "
+                         "a bidirectional model trains with 'full-clip', a causal one with 'prefix' or 'all-chunks'")
+
+
 def drop_captions(model: CausalVideoDiT, text: Text, drop: torch.Tensor) -> Text:
     """Replace the prompts where ``drop`` (B,) is True by the learned null prompt."""
     null = F.pad(model.null_text.to(text.states.dtype), (0, 0, 0, text.states.shape[1] - 1))  # (N, Dt)
@@ -162,6 +191,7 @@ class Objective(nn.Module):
 
     def __init__(self, model: CausalVideoDiT, layout: str = "prefix", context_noise: float = 0.0):
         super().__init__()
+        check_layout(model.config, layout)
         self.model, self.layout, self.context_noise = model, layout, context_noise
 
     def forward(self, video, draws: Draws, text: Text | None = None, labels=None, drop=None, n_prefix: int = 0):
@@ -172,6 +202,8 @@ class Objective(nn.Module):
             cond = model.condition(B, drop_captions(model, text, drop))
         elif labels is not None:
             cond = model.condition(B, labels=torch.where(drop.to(labels.device), model.config.num_classes, labels))
+        if self.layout == "full-clip":
+            return full_clip_loss(model, video, cond, draws)
         if self.layout == "all-chunks":
             return all_chunks_loss(model, video, cond, draws, self.context_noise)
         return ca2vdm_loss(model, video, cond, n_prefix, draws, self.context_noise)

@@ -88,7 +88,8 @@ class Trainer:
         need = clip_frames(model_cfg)
         have = dataset[0]["video"].shape[1]
         if have < need:
-            raise ValueError(f"training clips have {have} frames; this layout needs {need} (longest prefix + one chunk)")
+            raise ValueError(f"training clips have {have} frames; this layout needs {need} "
+                             + ("(clip_length)" if model_cfg.temporal == "bidirectional" else "(longest prefix + one chunk)"))
 
     # -- one step ------------------------------------------------------------------------------
     def _autocast(self):
@@ -161,7 +162,8 @@ class Trainer:
     # -- validation ---------------------------------------------------------------------------
     @torch.no_grad()
     def validation_loss(self, use_ema: bool = True) -> float:
-        """Loss on held-out clips: one noisy chunk after the fullest clean window, fixed noise levels."""
+        """Loss on held-out clips: one noisy chunk after the fullest clean window (a bidirectional model:
+        the whole clip), fixed noise levels."""
         if not self.val_dataset:
             return float("nan")
         model = self.model
@@ -173,7 +175,7 @@ class Trainer:
         cfg, losses = model.config, []
         n_prefix = max(prefix_choices(cfg))
         n = min(len(self.val_dataset), self.tc.val_clips)
-        objective = Objective(model)
+        objective = Objective(model, "full-clip" if cfg.temporal == "bidirectional" else "prefix")
         for start in range(0, n, self.tc.batch_size):
             items = [self.val_dataset[i] for i in range(start, min(n, start + self.tc.batch_size))]
             video = torch.stack([it["video"] for it in items]).to(self.device)
