@@ -221,3 +221,93 @@ def test_a_resumed_stage_keeps_each_step_once_in_metrics_csv(tmp_path):
     m.close()
     rows = list(csv.DictReader(open(path)))
     assert [r["iteration"] for r in rows] == ["1", "2", "3", "4"] and rows[-1]["loss"] == "0.25"
+
+
+def _bi_teacher(dtype=torch.float64):
+    return class_model(dtype=dtype, temporal="bidirectional", prefix_frames=0, cyclic_length=6, clip_length=6)
+
+
+def test_pairs_of_a_bidirectional_teacher_are_its_whole_clip(tmp_path):
+    """CausVid's asymmetric pairs: the stored clip equals generate_clip for the same seeds (float64),
+    and its state at level 1 is the clip's starting noise, every frame on one trajectory."""
+    from ca2vdm.generate import generate_clip
+
+    teacher = _bi_teacher()
+    write_ode_pairs(teacher, tmp_path, lambda i: ITEMS[i], LEVELS, frames=6, clips=3, batch=2, steps=5, guidance=2.0,
+                    seed=20, log=lambda *a: None)
+    pairs = ODEPairs(tmp_path, LEVELS)
+    assert pairs.states.shape == (3, 3, 3, 6, 8, 8)
+    ref = generate_clip(teacher, labels=torch.tensor([it["label"] for it in ITEMS[:3]]), steps=5, guidance=2.0,
+                        seed=[20, 21, 22])
+    assert (pairs.video - ref).abs().max().item() <= 1e-9
+    assert torch.equal(pairs.states[:, 0], chunk_noise([20, 21, 22], 0, (3, 6, 8, 8), dtype=torch.float64))
+    student = class_model(1, prefix_frames=0)  # a causal student regresses them chunk by chunk
+    loss = ode_regression_loss(student, pairs.video, pairs.states, LEVELS, student.condition(3, labels=pairs.labels),
+                               torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss > 0
+
+
+@pytest.mark.parametrize("teacher_kind,rollout", [("bidirectional", "self"), ("causal", "diffusion-forcing"),
+                                                  ("bidirectional", "diffusion-forcing")])
+def test_dmd_with_either_teacher_and_either_rollout(teacher_kind, rollout):
+    """A few DMD iterations change the student and the critic and leave the teacher as it was; the
+    bidirectional teacher's scores see the whole clip (6 frames: 3 chunks, a window of 3 slides)."""
+    f32 = torch.float32
+    if teacher_kind == "bidirectional":
+        teacher, critic, frames = _bi_teacher(f32), _bi_teacher(f32), 6
+    else:
+        teacher, critic, frames = class_model(dtype=f32, prefix_frames=0), class_model(dtype=f32, prefix_frames=0), 6
+    student = class_model(1, f32, prefix_frames=0).train()
+    critic.train()
+    teacher.requires_grad_(False)
+    items = [{"label": i % 3, "video": torch.randn(3, 6, 8, 8, generator=torch.Generator().manual_seed(i))}
+             for i in range(6)]
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in
+              (("teacher", teacher), ("student", student), ("critic", critic))}
+    calls = []
+    if rollout == "diffusion-forcing":  # the student's forward: one causal pass over all frames, not the cache
+        student.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[2]))
+    problem = VideoDMD(student, teacher, critic, LEVELS, frames=frames, batch=2, items=lambda i: items[i], pool=6,
+                       guidance=2.0, rollout=rollout)
+    run = DMD(student, critic, problem.problem(), DMDConfig(ratio=2, generator_lr=1e-3))
+    rows = [run.step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(r["critic_loss"])) for r in rows)
+    changed = lambda name, m: max((m.state_dict()[k] - v).abs().max().item() for k, v in before[name].items())  # noqa: E731
+    assert changed("student", student) > 1e-4 and changed("critic", critic) > 1e-5
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in before["teacher"].items())
+    if rollout == "diffusion-forcing":
+        assert calls and set(calls) == {6}
+    with pytest.raises(ValueError, match="rollout must be"):
+        VideoDMD(student, teacher, critic, LEVELS, frames=frames, batch=2, items=lambda i: items[i], pool=6,
+                 rollout="sideways")
+
+
+def test_distill_from_a_bidirectional_teacher_end_to_end(tmp_path):
+    """``ca2vdm distill`` with a bidirectional teacher (8-frame clips: 4 chunks through a window of 4,
+    so the rollout evicts) and diffusion-forcing inputs; the student starts as a causal checkpoint."""
+    from ca2vdm.distill import distill_from_config, load_distill_config
+
+    data = {"dataset": "moving-digits", "num_clips": 8, "size": 8, "digit_size": 5, "val_clips": 2}
+    teacher = class_model(dtype=torch.float32, num_classes=10, prefix_frames=0, max_context_frames=4,
+                          temporal="bidirectional", cyclic_length=8, clip_length=8)
+    student = class_model(1, torch.float32, num_classes=10, prefix_frames=0, max_context_frames=4, cyclic_length=8)
+    save_checkpoint(tmp_path / "teacher", teacher, {"data": data})
+    save_checkpoint(tmp_path / "student", student, {"data": data})
+    cfg = tmp_path / "distill.yaml"
+    cfg.write_text(f"""out_dir: {tmp_path / 'run'}
+teacher: {tmp_path / 'teacher'}
+student: {tmp_path / 'student'}
+levels: [1.0, 0.8, 0.45]
+teacher_steps: 3
+samples: 0
+ode_pairs: {{clips: 2, batch_size: 2}}
+ode_init: {{steps: 2, batch_size: 2, lr: 0.001, warmup: 1, save_every: 2, eval_every: 0, log_every: 1}}
+dmd: {{iterations: 2, batch_size: 2, ratio: 2, log_every: 1, save_every: 2, sample_every: 0, rollout: diffusion-forcing}}
+""")
+    lines = []
+    run = distill_from_config(load_distill_config(cfg), log=lines.append)
+    assert run.frames == 8 and ODEPairs(tmp_path / "run" / "pairs").states.shape[-3] == 8
+    assert any("diffusion-forcing rollout" in x for x in lines) and any("dmd iteration 2/2" in x for x in lines)
+    assert read_config(tmp_path / "run" / "dmd" / "checkpoint")["model"]["temporal"] == "causal"
+    with pytest.raises(ValueError, match="needs 'student'"):
+        distill_from_config(load_distill_config(cfg, ["student=", f"out_dir={tmp_path / 'x'}"]), log=lambda *a: None)

@@ -2,8 +2,9 @@
 student's noise levels (``write_ode_pairs``), and the student's regression from a point on a
 trajectory to its clean end (``ode_regression_loss``).
 
-The teacher is autoregressive (Causal-Forcing: the init must come from a causal teacher): each
-chunk's trajectory runs in the teacher's own cached loop, its context the teacher's earlier chunks.
+With an autoregressive teacher (Causal-Forcing: the init should come from a causal teacher) each
+chunk's trajectory runs in the teacher's own cached loop, its context the teacher's earlier chunks;
+a bidirectional teacher (CausVid's asymmetric setting) samples the whole clip on one trajectory.
 Its Euler path is piecewise linear in sigma, so the state at a student level sigma between two
 teacher steps is read off that path exactly (``states_at_levels``). The regression sees what the
 trajectory saw: the teacher's clean clip as context and each chunk at a level of its own, every
@@ -25,6 +26,7 @@ from ..checkpoint import load_tensors
 from ..conditioning import Condition
 from ..model import CausalVideoDiT
 from ..safefile import save_safetensors
+from ..generate import generate_clip
 from ..stream import StreamSession
 
 
@@ -48,12 +50,21 @@ def teacher_trajectories(teacher: CausalVideoDiT, levels: list[float], frames: i
                          guidance: float = 4.0, **session) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's video of ``frames`` frames, as ``generate_video`` makes it, and the state of
     every generated frame at every student level: (B, C, F, H, W), (B, K, C, F - p, H, W).
-    ``session``: StreamSession's other arguments (prompt, first_frames, seed, autocast, ...)."""
+    ``session``: StreamSession's other arguments (prompt, first_frames, seed, autocast, ...).
+    A bidirectional teacher samples the whole clip at once (``generate.generate_clip``): every frame
+    shares its trajectory's levels, and the states are read off that one Euler path."""
     cfg = teacher.config
     p, l = cfg.prefix_frames, cfg.chunk_frames
     if teacher.diffusion.objective != "flow":
         raise ValueError("ODE pairs read states off the Euler path of a flow-matching teacher; "
                          f"this teacher's objective is {teacher.diffusion.objective!r}")
+    if cfg.temporal == "bidirectional":  # CausVid's asymmetric pairs: one trajectory of the whole clip
+        session.pop("first_frames", None)
+        trajectory = []
+        video = generate_clip(teacher, steps=steps, guidance=guidance, frames=frames, trajectory=trajectory, **session)
+        sampler = teacher.diffusion.sampler(steps)
+        sigmas = [c[0] for c in sampler.coefs] + [sampler.coefs[-1][1]]
+        return video, states_at_levels(trajectory, sigmas, levels).transpose(0, 1).contiguous()
     if frames <= p or (frames - p) % l:
         raise ValueError(f"frames={frames}: the clip must be {p} given frame(s) plus whole chunks of {l}")
     s = StreamSession(teacher, steps=steps, guidance=guidance, **session)

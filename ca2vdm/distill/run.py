@@ -11,12 +11,16 @@ Each training stage writes ``metrics.csv``, progress lines and sample GIFs (``sa
 checkpoint is the student's EMA weights with its sampling recommendation (the levels, guidance 1),
 so ``ca2vdm generate`` / ``eval`` / ``export`` take it as it is.
 
-Config (YAML): top-level ``out_dir``, ``teacher`` (a checkpoint directory), ``levels`` (or
-``steps`` + ``level_shift``: ``diffusion.warped_levels``), ``teacher_steps``, ``teacher_guidance``,
+A bidirectional teacher (``temporal='bidirectional'``, CausVid's asymmetric distillation) needs
+``student``, the causal checkpoint the student starts as; its pairs and DMD clips are its whole
+clip (``clip_length`` frames), and the critic, a copy of it, learns whole clips.
+
+Config (YAML): top-level ``out_dir``, ``teacher`` (a checkpoint directory), ``student`` (optional),
+``levels`` (or ``steps`` + ``level_shift``: ``diffusion.warped_levels``), ``teacher_steps``, ``teacher_guidance``,
 ``autocast`` (bf16 | off), ``seed``, ``samples`` / ``sample_frames``; sections ``ode_pairs``
 (``PairsConfig``), ``ode_init`` (a ``training.TrainConfig``: steps, batch_size, lr, warmup,
 ema_decay, grad_clip, save_every, log_every, eval_every = sample GIF period) and ``dmd``
-(``DMDRunConfig``: iterations, batch_size, exit_step, log_every, save_every, sample_every, and
+(``DMDRunConfig``: iterations, batch_size, exit_step, rollout, log_every, save_every, sample_every, and
 every ``DMDConfig`` field).
 """
 
@@ -40,7 +44,7 @@ from ..training.optim import EMA, load_optimizer, lr_at, optimizer_tensors
 from ..training.trainer import TextCache
 from .dmd import DMD, DMDConfig
 from .ode import ODEPairs, ode_regression_loss, write_ode_pairs
-from .video import VideoDMD
+from .video import ROLLOUTS, VideoDMD
 
 STAGES = ("ode-pairs", "ode-init", "dmd")
 
@@ -71,6 +75,8 @@ class DMDRunConfig:
     iterations: int = 1000
     batch_size: int = 4
     exit_step: str = "random"       # "random": one exit step per iteration (Self-Forcing); "last"
+    rollout: str = "self"           # "self": the student's own cached rollout; "diffusion-forcing": real clips,
+                                    # every chunk noised on its own, one causal forward (CausVid)
     log_every: int = 10
     save_every: int = 50
     sample_every: int = 250
@@ -85,6 +91,8 @@ class DMDRunConfig:
             raise ValueError("dmd: iterations, batch_size, log_every and save_every must be at least 1")
         if run.exit_step not in ("random", "last"):
             raise ValueError(f"dmd.exit_step={run.exit_step!r}: must be 'random' or 'last'")
+        if run.rollout not in ROLLOUTS:
+            raise ValueError(f"dmd.rollout={run.rollout!r}: must be one of {', '.join(ROLLOUTS)}")
         return run
 
 
@@ -94,6 +102,7 @@ class DistillConfig:
 
     out_dir: str = "runs/distill"
     teacher: str = ""
+    student: str = ""               # the causal model the student starts as (default: the teacher, if causal)
     levels: list | None = None
     steps: int = 4
     level_shift: float | None = None
@@ -202,7 +211,14 @@ class Distillation:
         self.teacher_meta = read_config(cfg.teacher)
         self.levels = cfg.student_levels(self.teacher)
         mc = self.teacher.config
-        self.frames = clip_frames(mc)
+        bidirectional = mc.temporal == "bidirectional"
+        if bidirectional and not cfg.student:
+            raise ValueError("distill config: a bidirectional teacher needs 'student', a causal checkpoint for the "
+                             "student to start as")
+        self.student_init = load_checkpoint(cfg.student) if cfg.student else self.teacher
+        self.student_init.require_causal("the student")
+        # the clip every stage works on: the teacher's whole clip, or the causal training clip
+        self.frames = mc.clip_length if bidirectional else clip_frames(mc)
         data = self.teacher_meta.get("data", {})
         self.pool = build_dataset(data, self.frames, "train")  # prompts (and first frames) of the teacher's data
         self.val = build_dataset(data, max(self.frames, cfg.sample_frames), "val")
@@ -230,7 +246,7 @@ class Distillation:
         c, tc = self.cfg, self.cfg.ode_init
         folder = self.out / "ode_init"
         pairs = ODEPairs(self.out / "pairs", self.levels)
-        student = copy.deepcopy(self.teacher).requires_grad_(True).train()
+        student = copy.deepcopy(self.student_init).requires_grad_(True).train()
         ema = EMA(student, tc.ema_decay)
         opt = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         step = self._resume_ode_init(folder / "checkpoint", student, ema, opt)
@@ -305,7 +321,7 @@ class Distillation:
         critic = copy.deepcopy(self.teacher).requires_grad_(True).train()  # the fake score starts as the real one
         problem = VideoDMD(generator, self.teacher, critic, self.levels, self.frames, rc.batch_size,
                            lambda i: self.pool[i], len(self.pool), self.encode, c.teacher_guidance, c.amp(),
-                           rc.exit_step)
+                           rc.exit_step, rc.rollout)
         run = DMD(generator, critic, problem.problem(), rc.dmd)
         state = folder / "state.safetensors"
         if state.is_file():
@@ -315,7 +331,7 @@ class Distillation:
             self.log(f"dmd: done ({run.iteration} iterations in {folder})")
             return
         self.log(f"dmd: {rc.iterations} iterations of batch {rc.batch_size} (generator every {rc.dmd.ratio}), "
-                 f"exit step {rc.exit_step}, from iteration {run.iteration}")
+                 f"{rc.rollout} rollout, exit step {rc.exit_step}, from iteration {run.iteration}")
         cols = ["iteration", "generator_loss", "generator_grad_norm", "critic_loss", "critic_grad_norm", "lr_factor",
                 "minutes"]
         metrics = _Metrics(folder / "metrics.csv", cols, rc.log_every, self.log, run.iteration)
@@ -339,7 +355,7 @@ class Distillation:
 
     # -- helpers --------------------------------------------------------------------------------
     def _ema_model(self, ema: EMA) -> CausalVideoDiT:
-        model = CausalVideoDiT(self.teacher.config)
+        model = CausalVideoDiT(self.student_init.config)
         ema.copy_to(model)
         return model.eval()
 

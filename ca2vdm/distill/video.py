@@ -1,5 +1,5 @@
 """DMD for a causal video student (CausVid with the Self-Forcing rollout): the ``DMDProblem`` of a
-few-step student, a many-step causal teacher and a critic, all ``CausalVideoDiT`` of one config.
+few-step student, a many-step teacher and a critic of the teacher's kind.
 
 * generate — the self rollout: the student generates the clip chunk by chunk through its own KV
   cache (``StreamSession``, few-step levels). One exit step is drawn per iteration for every chunk;
@@ -10,7 +10,16 @@ few-step student, a many-step causal teacher and a critic, all ``CausalVideoDiT`
 * fake_x0 — the critic's conditional x0 prediction in the same layout.
 * critic_loss — the critic's ordinary flow loss in that layout (``training.losses.all_chunks_loss``).
 
-What is matched is therefore, chunk by chunk, the student's distribution of chunk k given its own
+Two other settings (CausVid's):
+
+* a bidirectional teacher (``temporal='bidirectional'``, asymmetric distillation): real_x0 and
+  fake_x0 see the whole rolled-out clip noised at one level, every frame seeing every other, and the
+  critic (a copy of the teacher) learns whole clips (``training.losses.full_clip_loss``);
+* diffusion-forcing inputs (``rollout='diffusion-forcing'``) instead of the self rollout: the
+  student denoises real clips whose chunks are noised independently to its levels, all chunks in
+  one causal forward, and the x0 it predicts is the sample.
+
+With the causal teacher and the self rollout, what is matched is, chunk by chunk, the student's distribution of chunk k given its own
 earlier chunks against the teacher's given the same chunks: the objective is the sum over chunks of
 per-chunk conditional divergences, and the gradient through the context is dropped (the context
 enters detached, as it does in the rollout's cache).
@@ -21,8 +30,11 @@ import torch
 from ..conditioning import Condition
 from ..model import CausalVideoDiT
 from ..stream import StreamSession
-from ..training.losses import Draws, all_chunks_loss, clip_frames
+from ..training.losses import Draws, all_chunks_loss, clip_frames, full_clip_loss
 from .dmd import DMDProblem
+
+
+ROLLOUTS = ("self", "diffusion-forcing")
 
 
 class VideoDMD:
@@ -32,20 +44,35 @@ class VideoDMD:
 
     def __init__(self, student: CausalVideoDiT, teacher: CausalVideoDiT, critic: CausalVideoDiT,
                  levels: list[float], frames: int, batch: int, items, pool: int, encode=None,
-                 guidance: float = 4.0, autocast: torch.dtype | None = None, exit_step: str = "random"):
+                 guidance: float = 4.0, autocast: torch.dtype | None = None, exit_step: str = "random",
+                 rollout: str = "self"):
         cfg = student.config
-        if frames != clip_frames(cfg):
-            raise ValueError(f"frames={frames}: the DMD clip is the training clip of this model, "
-                             f"{clip_frames(cfg)} frames (the critic learns in that layout)")
+        student.require_causal("the student")
+        if critic.config != teacher.config:
+            raise ValueError("the critic's model config differs from the teacher's (it starts as a copy of it)")
+        self.bidirectional = teacher.config.temporal == "bidirectional"
+        if self.bidirectional:  # the real and fake scores see the whole rolled-out clip at once
+            t = teacher.config
+            same = ("in_channels", "frame_size", "conditioning", "num_classes", "text_dim", "objective")
+            if any(getattr(t, k) != getattr(cfg, k) for k in same):
+                raise ValueError(f"the bidirectional teacher and the student differ in one of {', '.join(same)}")
+            if cfg.prefix_frames or frames > t.clip_length or frames % cfg.chunk_frames:
+                raise ValueError(f"frames={frames}: with a bidirectional teacher the DMD clip is whole chunks of "
+                                 f"{cfg.chunk_frames}, at most its clip_length {t.clip_length}, from a prompt alone")
+        else:
+            if frames != clip_frames(cfg):
+                raise ValueError(f"frames={frames}: the DMD clip is the training clip of this model, "
+                                 f"{clip_frames(cfg)} frames (the critic learns in that layout)")
+            if teacher.config != cfg:
+                raise ValueError("the teacher's model config differs from the student's")
         if exit_step not in ("random", "last"):
             raise ValueError(f"exit_step must be 'random' or 'last', got {exit_step!r}")
-        for name, m in (("teacher", teacher), ("critic", critic)):
-            if m.config != cfg:
-                raise ValueError(f"the {name}'s model config differs from the student's")
+        if rollout not in ROLLOUTS:
+            raise ValueError(f"rollout must be one of {', '.join(ROLLOUTS)}, got {rollout!r}")
         self.student, self.teacher, self.critic = student, teacher, critic
         self.levels, self.frames, self.batch = [float(s) for s in levels], frames, batch
         self.items, self.pool, self.encode = items, pool, encode
-        self.guidance, self.autocast, self.exit_step = guidance, autocast, exit_step
+        self.guidance, self.autocast, self.exit_step, self.rollout = guidance, autocast, exit_step, rollout
 
     def problem(self) -> DMDProblem:
         cfg = self.student.config
@@ -71,12 +98,33 @@ class VideoDMD:
         first = None
         if cfg.prefix_frames:
             first = torch.stack([r["video"][:, :cfg.prefix_frames] for r in rows]).to(model.device, model.dtype)
+        cond = {"prompt": prompt, "labels": labels, "first": first}
+        if self.rollout == "diffusion-forcing":
+            clips = torch.stack([r["video"][:, :self.frames] for r in rows]).to(model.device, model.dtype)
+            return self._diffusion_forcing(clips, prompt, labels, g, grad), cond
         session = StreamSession(model, first_frames=first, prompt=prompt, labels=labels, **kw)
         if first is not None:
             session.next_chunk()
         n = (self.frames - cfg.prefix_frames) // cfg.chunk_frames
         chunks = [session.next_chunk(last=k == n - 1, exit_step=exit_step, grad=grad) for k in range(n)]
-        return torch.cat(chunks, dim=2), {"prompt": prompt, "labels": labels, "first": first}
+        return torch.cat(chunks, dim=2), cond
+
+    def _diffusion_forcing(self, clips, prompt, labels, g, grad):
+        """CausVid's rollout: real clips (B, C, F, H, W), every chunk noised on its own to one of the
+        student's levels, denoised in one causal forward (each chunk sees the noisy chunks before it);
+        the x0 prediction of the generated frames (B, C, F - p, H, W)."""
+        model, cfg = self.student, self.student.config
+        B, p, l = clips.shape[0], cfg.prefix_frames, cfg.chunk_frames
+        n = (self.frames - p) // l
+        j = torch.randint(len(self.levels), (B, n), generator=g).repeat_interleave(l, dim=1)   # (B, F - p)
+        sigma = torch.tensor(self.levels, dtype=torch.float64)[j].to(model.device)
+        noise = torch.randn(clips[:, :, p:].shape, generator=g, dtype=torch.float32).to(model.device, model.dtype)
+        x_t = model.diffusion.add_noise(clips[:, :, p:], noise, sigma)
+        x_in = torch.cat([clips[:, :, :p], x_t], dim=2)
+        t = torch.cat([torch.zeros(B, p, dtype=torch.float64, device=model.device), model.diffusion.model_time(sigma)], 1)
+        with torch.set_grad_enabled(grad), self._amp():
+            c = model.condition(B, prompt, labels)
+            return model(x_in, t, c, x0=True)[:, :, p:].to(model.dtype)
 
     def _context(self, x, first):
         return x if first is None else torch.cat([first.to(x.dtype), x], dim=2)
@@ -85,13 +133,17 @@ class VideoDMD:
         """model's x0 prediction for noisy frames x_t (B, C, F - p, H, W) at sigma (B,), context x."""
         ctx = self._context(x, cond["first"])
         t = model.diffusion.model_time(sigma.to(x.device))[:, None].expand(x.shape[0], x.shape[2])
+        if self.bidirectional:  # the whole noisy clip at one level, no clean context
+            run = lambda xt, tt, c: model(xt, tt, c, x0=True)  # noqa: E731
+        else:
+            run = lambda xt, tt, c: model.forward_all_chunks(torch.cat([ctx] * (xt.shape[0] // ctx.shape[0])),  # noqa: E731
+                                                             xt, tt, c, x0=True)
         with torch.no_grad(), self._amp():
             c = model.condition(x.shape[0], cond["prompt"], cond["labels"])
             if guidance == 1.0:
-                return model.forward_all_chunks(ctx, x_t, t, c, x0=True).to(x.dtype)
+                return run(x_t, t, c).to(x.dtype)
             both = Condition.cat(c, model.unconditional(x.shape[0]))
-            pred = model.forward_all_chunks(torch.cat([ctx, ctx]), torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                            both, x0=True).to(x.dtype)
+            pred = run(torch.cat([x_t, x_t]), torch.cat([t, t]), both).to(x.dtype)
         cond_pred, uncond_pred = pred.chunk(2)
         return uncond_pred + guidance * (cond_pred - uncond_pred)
 
@@ -104,4 +156,6 @@ class VideoDMD:
     def critic_loss(self, x, cond, g):
         with self._amp():
             c = self.critic.condition(x.shape[0], cond["prompt"], cond["labels"])
+            if self.bidirectional:
+                return full_clip_loss(self.critic, x, c, Draws.of(g))
             return all_chunks_loss(self.critic, self._context(x, cond["first"]), c, Draws.of(g))
