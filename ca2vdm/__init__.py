@@ -6,16 +6,16 @@ docs/ARCHITECTURE.md): ``config``, ``layout``, ``cache``, ``positions``, ``diffu
 ``metrics``, ``eval``, ``bench``.
 """
 
-from .cache import KVCache
+from .cache import CacheBatch, KVCache
 from .conditioning import Condition, Text
 from .config import ModelConfig
 from .diffusion import DDPM, FlowMatching, make_diffusion
 from .layout import ChunkLayout
 from .model import CausalVideoDiT
 from .stepcache import StepCache, StepCacheConfig
-from .stream import GenerationStats, StreamSession
+from .stream import GenerationStats, StreamSession, next_chunks
 
 __version__ = "0.1.0"
 __all__ = ["CausalVideoDiT", "ModelConfig", "Text", "Condition", "KVCache", "ChunkLayout",
            "FlowMatching", "DDPM", "make_diffusion", "StepCache", "StepCacheConfig", "StreamSession",
-           "GenerationStats"]
+           "GenerationStats", "next_chunks", "CacheBatch"]
