@@ -126,3 +126,23 @@ def test_the_bidirectional_config_starts_from_the_shipped_weights():
     model = CausalVideoDiT(mc)
     weights = asset_path("digits") / "model.safetensors"
     assert load_state(model, load_tensors(weights), weights) == []  # nothing missing, nothing extra
+
+
+def test_the_comparison_configs_differ_only_in_teacher_and_rollout():
+    """Issue 16's rows: one config each, equal in everything but the teacher (and the student it
+    then needs), the rollout and the run folder; every DMD row has the same CPU-minute budget."""
+    from pathlib import Path
+
+    from ca2vdm.distill import load_distill_config
+
+    folder = Path(__file__).resolve().parents[1] / "configs" / "asymmetric"
+    rows = {p.stem: load_distill_config(p) for p in sorted(folder.glob("*.yaml"))}
+    assert set(rows) == {"causal_self", "causal_df", "bidir_self", "bidir_df"}
+    base = rows["causal_self"]
+    for name, cfg in rows.items():
+        assert cfg.dmd.rollout == ("self" if name.endswith("_self") else "diffusion-forcing")
+        assert ("bidirectional" in cfg.teacher) == name.startswith("bidir") and bool(cfg.student) == name.startswith("bidir")
+        assert cfg.dmd.cpu_minutes == base.dmd.cpu_minutes > 0 and cfg.out_dir.endswith(name)
+        for f in ("steps", "teacher_steps", "teacher_guidance", "seed", "ode_pairs", "ode_init"):
+            assert getattr(cfg, f) == getattr(base, f), (name, f)
+        assert {k: v for k, v in vars(cfg.dmd.dmd).items()} == vars(base.dmd.dmd)

@@ -309,5 +309,13 @@ dmd: {{iterations: 2, batch_size: 2, ratio: 2, log_every: 1, save_every: 2, samp
     assert run.frames == 8 and ODEPairs(tmp_path / "run" / "pairs").states.shape[-3] == 8
     assert any("diffusion-forcing rollout" in x for x in lines) and any("dmd iteration 2/2" in x for x in lines)
     assert read_config(tmp_path / "run" / "dmd" / "checkpoint")["model"]["temporal"] == "causal"
+    # a CPU-time budget ends the DMD stage early, and is kept across a resume
+    budget = [f"out_dir={tmp_path / 'budget'}", "dmd.cpu_minutes=1e-6", "dmd.iterations=50"]
+    lines.clear()
+    distill_from_config(load_distill_config(cfg, budget), log=lines.append)
+    assert any("dmd iteration 1/50" in x for x in lines) and not any("dmd iteration 2/50" in x for x in lines)
+    lines.clear()
+    distill_from_config(load_distill_config(cfg, budget), log=lines.append)
+    assert any("dmd: done (1 iterations" in x for x in lines)
     with pytest.raises(ValueError, match="needs 'student'"):
         distill_from_config(load_distill_config(cfg, ["student=", f"out_dir={tmp_path / 'x'}"]), log=lambda *a: None)

@@ -141,6 +141,7 @@ class DMD:
         self.opt_c = torch.optim.Adam(critic.parameters(), lr=config.critic_lr, betas=config.betas)
         self.ema = EMA(generator, config.ema_decay)
         self.iteration = 0
+        self.cpu_minutes = 0.0  # CPU time the iterations took (all threads), kept across resumes: a budget
 
     def _rng(self, stream: int) -> torch.Generator:
         return torch.Generator().manual_seed(mix_seed(self.config.seed, self.iteration, stream))
@@ -218,7 +219,8 @@ class DMD:
 
     def save(self, path) -> None:
         """Write the run to one safetensors file (config and iteration in its metadata), atomically."""
-        meta = {"iteration": str(self.iteration), "config": json.dumps(asdict(self.config))}
+        meta = {"iteration": str(self.iteration), "config": json.dumps(asdict(self.config)),
+                "cpu_minutes": repr(self.cpu_minutes)}
         save_safetensors(self.state_tensors(), path, meta)
 
     def load(self, path) -> None:
@@ -240,3 +242,4 @@ class DMD:
         load_optimizer(self.opt_g, self.generator, tensors, "opt_g", path)
         load_optimizer(self.opt_c, self.critic, tensors, "opt_c", path)
         self.iteration = int(meta["iteration"])
+        self.cpu_minutes = float(meta.get("cpu_minutes", 0.0))

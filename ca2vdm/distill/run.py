@@ -20,7 +20,7 @@ Config (YAML): top-level ``out_dir``, ``teacher`` (a checkpoint directory), ``st
 ``autocast`` (bf16 | off), ``seed``, ``samples`` / ``sample_frames``; sections ``ode_pairs``
 (``PairsConfig``), ``ode_init`` (a ``training.TrainConfig``: steps, batch_size, lr, warmup,
 ema_decay, grad_clip, save_every, log_every, eval_every = sample GIF period) and ``dmd``
-(``DMDRunConfig``: iterations, batch_size, exit_step, rollout, log_every, save_every, sample_every, and
+(``DMDRunConfig``: iterations, cpu_minutes, batch_size, exit_step, rollout, log_every, save_every, sample_every, and
 every ``DMDConfig`` field).
 """
 
@@ -73,6 +73,8 @@ class DMDRunConfig:
     """The dmd stage's bookkeeping; ``dmd`` holds the algorithm's settings (``DMDConfig``)."""
 
     iterations: int = 1000
+    cpu_minutes: float = 0.0        # > 0: also stop once the iterations have used this much CPU time (all
+                                    # threads, across resumes): rows of a comparison get equal compute
     batch_size: int = 4
     exit_step: str = "random"       # "random": one exit step per iteration (Self-Forcing); "last"
     rollout: str = "self"           # "self": the student's own cached rollout; "diffusion-forcing": real clips,
@@ -89,6 +91,8 @@ class DMDRunConfig:
         run.dmd = _from_dict(DMDConfig, {k: v for k, v in d.items() if k not in own}, "dmd")
         if run.iterations < 1 or run.batch_size < 1 or run.log_every < 1 or run.save_every < 1:
             raise ValueError("dmd: iterations, batch_size, log_every and save_every must be at least 1")
+        if not run.cpu_minutes >= 0:
+            raise ValueError(f"dmd.cpu_minutes={run.cpu_minutes}: must be 0 (no budget) or more")
         if run.exit_step not in ("random", "last"):
             raise ValueError(f"dmd.exit_step={run.exit_step!r}: must be 'random' or 'last'")
         if run.rollout not in ROLLOUTS:
@@ -327,8 +331,9 @@ class Distillation:
         if state.is_file():
             run.load(state)
             self.log(f"dmd: resumed from {state} at iteration {run.iteration}")
-        if run.iteration >= rc.iterations:
-            self.log(f"dmd: done ({run.iteration} iterations in {folder})")
+        budget = lambda: rc.cpu_minutes and run.cpu_minutes >= rc.cpu_minutes  # noqa: E731
+        if run.iteration >= rc.iterations or budget():
+            self.log(f"dmd: done ({run.iteration} iterations, {run.cpu_minutes:.1f} CPU minutes, in {folder})")
             return
         self.log(f"dmd: {rc.iterations} iterations of batch {rc.batch_size} (generator every {rc.dmd.ratio}), "
                  f"{rc.rollout} rollout, exit step {rc.exit_step}, from iteration {run.iteration}")
@@ -337,14 +342,16 @@ class Distillation:
         metrics = _Metrics(folder / "metrics.csv", cols, rc.log_every, self.log, run.iteration)
         t0 = time.perf_counter()
         try:
-            while run.iteration < rc.iterations:
+            while run.iteration < rc.iterations and not budget():
+                cpu = time.process_time()
                 row = run.step()
+                run.cpu_minutes += (time.process_time() - cpu) / 60
                 row["minutes"] = (time.perf_counter() - t0) / 60
                 g_losses = [r["generator_loss"] for r in metrics.rows + [row] if "generator_loss" in r]
                 g_text = f" generator {sum(g_losses) / len(g_losses):.4g}" if g_losses else ""
                 c_mean = sum(r["critic_loss"] for r in metrics.rows + [row]) / (len(metrics.rows) + 1)
                 metrics.add(row, f"dmd iteration {run.iteration}/{rc.iterations} critic {c_mean:.4f}{g_text}")
-                if run.iteration % rc.save_every == 0 or run.iteration == rc.iterations:
+                if run.iteration % rc.save_every == 0 or run.iteration == rc.iterations or budget():
                     run.save(state)
                     save_checkpoint(folder / "checkpoint", self._ema_model(run.ema),
                                     dict(self.meta, step=run.iteration))
