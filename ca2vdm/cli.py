@@ -201,7 +201,7 @@ def _eval(args):
 def _distill_report(args):
     import json
 
-    from .eval import distill_report, format_distill_table, plot_distill
+    from .eval import distill_report, format_distill_table, plot_distill, take_fvd
 
     rows = {}
     for item in args.row:
@@ -214,6 +214,15 @@ def _distill_report(args):
             raise ValueError(f"--row {name}: cannot read the eval report {path}: {e}") from None
         if "overall" not in rows[name] or "settings" not in rows[name]:
             raise ValueError(f"--row {name}: {path} is not a moving-digits `ca2vdm eval` report")
+    for item in args.fvd_from:
+        name, sep, path = item.partition("=")
+        if name not in rows or not sep:
+            raise ValueError(f"--fvd-from {item!r}: expected NAME=EVAL.json with NAME one of the rows")
+        try:
+            other = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--fvd-from {name}: cannot read {path}: {e}") from None
+        rows[name] = take_fvd(rows[name], other, path)
     names = list(rows)
     if len(names) < 2:
         raise ValueError("give at least two --row (a teacher and a student)")
@@ -510,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    ">= 8x the teacher's frames/s, >= 25 frames/s, accuracy >= 0.9, FVD <= 1.5x the "
                                    "teacher's, last-8/first-8 window FVD <= 1.15, better than the baseline.")
     q.add_argument("--row", action="append", default=[], metavar="NAME=EVAL.json", help="a row, in order (repeatable)")
+    q.add_argument("--fvd-from", action="append", default=[], metavar="NAME=EVAL.json",
+                   help="take row NAME's FVD from an earlier eval of the same videos (its per-chunk accuracy gap "
+                        "is recorded)")
     q.add_argument("--teacher", help="the teacher's row (default: the first)")
     q.add_argument("--baseline", help="the teacher at the student's step count (default: the second row)")
     q.add_argument("--student", help="the student the goals are for (default: the last row)")

@@ -208,6 +208,23 @@ def test_distill_report_measures_every_row_and_checks_the_goals(tmp_path):
     assert r.returncode == 1 and "is not a moving-digits" in r.stderr
 
 
+def test_a_row_takes_its_fvd_from_an_earlier_eval_of_the_same_videos():
+    from ca2vdm.eval import take_fvd
+
+    earlier = dict(_eval_report("a", 0.9, 57.0, [10] * 16, steps=20, guidance=4.0, frames=1000, videos=16, seed=1000),
+                   acc=[1.0, 0.75, 1.0])
+    now = dict(_eval_report("b", 0.9, 0, [], steps=20, guidance=4.0, frames=1000, videos=16, seed=1000),
+               acc=[1.0, 0.6875, 1.0])
+    del now["fvd"]
+    merged = take_fvd(now, earlier, "earlier.json")
+    assert merged["fvd"]["fvd"] == 57.0 and "fvd" not in now
+    assert merged["fvd_from"] == {"source": "earlier.json", "max_chunk_accuracy_difference": pytest.approx(0.0625)}
+    with pytest.raises(ValueError, match="another evaluation"):
+        take_fvd(now, dict(earlier, settings=dict(earlier["settings"], seed=2000)), "other.json")
+    with pytest.raises(ValueError, match="its own FVD"):
+        take_fvd(earlier, earlier, "earlier.json")
+
+
 def test_a_resumed_stage_keeps_each_step_once_in_metrics_csv(tmp_path):
     from ca2vdm.distill.run import _Metrics
 

@@ -6,6 +6,7 @@ on the same held-out captions and seeds, with streaming speed measured for all r
 * ``distill_report`` — the rows' figures, their speeds (rows measured round-robin, median of
   ``repeats``), and the shipped student's goals against the teacher and the same-step baseline
 * ``format_distill_table`` / ``plot_distill`` — a Markdown table and a PNG
+* ``take_fvd`` — a row's FVD from an earlier eval of the same videos (its per-chunk accuracies compared)
 """
 
 import statistics
@@ -43,6 +44,23 @@ def stream_speed(model, frames: int = 64, warmup_chunks: int = 2, **sampling) ->
             "denoise_calls_per_chunk": stats.denoise_calls / stats.chunks}
 
 
+def take_fvd(report: dict, other: dict, source: str) -> dict:
+    """``report`` (an eval without FVD) with the FVD of ``other``, an earlier eval of the same
+    checkpoint's videos (same frames, videos and seed: refused otherwise). How far the two runs'
+    per-chunk digit accuracies lie apart is recorded beside it (``fvd_from``): 0 when the videos
+    are the same; float rounding on another CPU can part long autoregressive videos a little."""
+    if "fvd" in report:
+        raise ValueError("this report has its own FVD")
+    if "fvd" not in other:
+        raise ValueError(f"{source} has no FVD")
+    a, b = report["settings"], other["settings"]
+    for k in ("frames", "videos", "seed", "steps", "guidance"):
+        if a.get(k) != b.get(k):
+            raise ValueError(f"{source} is another evaluation ({k}: {b.get(k)} vs {a.get(k)})")
+    gap = max(abs(x - y) for x, y in zip(report["acc"], other["acc"]))
+    return dict(report, fvd=other["fvd"], fvd_from={"source": source, "max_chunk_accuracy_difference": gap})
+
+
 def _windows_ratio(report, n=8):
     rows = (report.get("fvd") or {}).get("per_window") or []
     if len(rows) < 2 * n:
@@ -61,6 +79,7 @@ def _row(name, report, speed):
         "fvd": fvd.get("fvd"), "fvd_per_window": [r["fvd"] for r in fvd.get("per_window", [])],
         "fvd_last8_over_first8": _windows_ratio(report),
         "brightness_drift": o["brightness_drift"], "colour_drift": o["colour_drift"],
+        "fvd_from": report.get("fvd_from"),
     }
 
 
