@@ -37,11 +37,11 @@ def test_kl_autoencoder_framewise_scaled(vae_dir):
     assert z.shape == (2, 4, 3, 8, 8)
     with torch.no_grad():  # frame (b=1, f=2) by hand
         ref = ae.vae.encode(video[1:2, :, 2]).latent_dist.mode()
-    assert torch.allclose(z[1, :, 2], ((ref - 0.1) * 0.5)[0], atol=1e-6)
+    assert torch.allclose(z[1, :, 2], ((ref - 0.1) * 0.5)[0], atol=1e-4)  # batched vs one-frame convolutions: float32 rounding
     x = ae.decode(z)
     with torch.no_grad():
         ref = ae.vae.decode(z[0:1, :, 1] / 0.5 + 0.1).sample
-    assert x.shape == (2, 3, 3, 16, 16) and torch.allclose(x[0, :, 1], ref[0], atol=1e-6)
+    assert x.shape == (2, 3, 3, 16, 16) and torch.allclose(x[0, :, 1], ref[0], atol=1e-4)
     assert isinstance(load_autoencoder("pixel"), PixelSpace)
     with pytest.raises(FileNotFoundError, match="no AutoencoderKL"):
         load_autoencoder(str(vae_dir.parent / "missing"))
