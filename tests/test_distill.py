@@ -225,6 +225,22 @@ def test_a_row_takes_its_fvd_from_an_earlier_eval_of_the_same_videos():
         take_fvd(earlier, earlier, "earlier.json")
 
 
+def test_a_report_from_before_colour_drift_still_makes_a_row():
+    """Eval reports written before ``eval`` had colour drift and the worst chunk: the worst chunk comes
+    from the per-chunk accuracies, the colour drift is shown as not measured."""
+    from ca2vdm.eval.distill import _row, format_distill_table
+
+    old = _eval_report("m", 0.9, 57.0, [10] * 16, steps=20, guidance=4.0)
+    old["horizons"]["128"] = dict(old["overall"])
+    for summary in (old["overall"], old["horizons"]["128"]):
+        del summary["acc_worst_chunk"], summary["colour_drift"]
+    old["acc"] = [1.0] * 31 + [0.75] + [0.5] + [1.0] * 30  # the worst chunk of the first 128 frames is 0.75
+    row = _row("teacher", old, {"frames_per_second": 5.0, "seconds_to_first_chunk": 1.0})
+    assert row["worst_chunk_128"] == 0.75 and row["worst_chunk_1000"] == 0.5 and row["colour_drift"] is None
+    table = format_distill_table({"rows": [row], "goals": {}})
+    assert "| teacher | 20 steps, w=4 |" in table and table.splitlines()[2].endswith("| – |")
+
+
 def test_a_resumed_stage_keeps_each_step_once_in_metrics_csv(tmp_path):
     from ca2vdm.distill.run import _Metrics
 

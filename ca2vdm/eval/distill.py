@@ -71,14 +71,15 @@ def _windows_ratio(report, n=8):
 
 def _row(name, report, speed):
     o, h = report["overall"], report["horizons"].get("128", {})
-    fvd = report.get("fvd") or {}
+    fvd, acc = report.get("fvd") or {}, report.get("acc") or []
+    worst = lambda summary, n: summary.get("acc_worst_chunk", min(acc[:n]) if acc else None)  # noqa: E731  (older reports: from the chunks)
     return {
         "name": name, "settings": report["settings"], **speed,
-        "acc_128": h.get("acc_mean"), "worst_chunk_128": h.get("acc_worst_chunk"),
-        "acc_1000": o["acc_mean"], "worst_chunk_1000": o["acc_worst_chunk"], "frames": report["frames"],
+        "acc_128": h.get("acc_mean"), "worst_chunk_128": worst(h, 128 // report.get("chunk_frames", 4)),
+        "acc_1000": o["acc_mean"], "worst_chunk_1000": worst(o, len(acc)), "frames": report["frames"],
         "fvd": fvd.get("fvd"), "fvd_per_window": [r["fvd"] for r in fvd.get("per_window", [])],
         "fvd_last8_over_first8": _windows_ratio(report),
-        "brightness_drift": o["brightness_drift"], "colour_drift": o["colour_drift"],
+        "brightness_drift": o["brightness_drift"], "colour_drift": o.get("colour_drift"),  # None: measured before eval had it
         "fvd_from": report.get("fvd_from"),
     }
 
