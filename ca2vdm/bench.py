@@ -10,6 +10,7 @@ pass — what a chunk would cost if context were free. Ratios are computed withi
 import multiprocessing as mp
 import platform
 import resource
+import statistics
 import time
 
 import torch
@@ -242,14 +243,14 @@ def format_call_latency(result: dict) -> str:
     return "\n".join(lines)
 
 
-def stream_batching(model: CausalVideoDiT, streams: int = 8, rounds: int = 6, steps: int | None = None,
+def stream_batching(model: CausalVideoDiT, streams: int = 8, rounds: int = 12, steps: int | None = None,
                     levels=None, guidance: float = 1.0, text_tokens: int = 12, repeat: int = 10) -> dict:
     """Several streams as one batched forward (``stream.next_chunks``) against one stream alone, and
     against the ceiling this machine allows, all measured in this run.
 
-    One stream alone: steady-state chunks/s after two warm-up chunks. ``streams`` streams that joined
-    at different frames (stream j ran j chunks alone first), each with its own prompt and seed:
-    ``rounds`` timed rounds of ``next_chunks``. Ceiling: a round can be no faster than K denoising
+    One stream alone: the median of ``rounds`` chunks after two warm-up chunks. ``streams`` streams
+    that joined at different frames (stream j ran 2 + j mod 4 chunks alone first), each with its own
+    prompt and seed: the median of ``rounds`` timed rounds of ``next_chunks``. Ceiling: a round can be no faster than K denoising
     calls plus one write pass at streams x rows (rows = 2 with guidance), each timed alone here on a
     full window: aggregate ceiling = streams x chunk_frames / that time. Reports frames/s of each
     and ``share_of_ceiling`` = batched / ceiling."""
@@ -266,22 +267,24 @@ def stream_batching(model: CausalVideoDiT, streams: int = 8, rounds: int = 6, st
         text = Text(torch.randn(1, text_tokens, cfg.text_dim, generator=g).to(dev, dt)) if cfg.conditioning == "text" else None
         return StreamSession(model, prompt=text, steps=steps, levels=levels, guidance=guidance, seed=j)
 
+    def median_seconds(fn):  # the median of ``rounds`` timed calls, as call_latency times its calls
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
     alone = session(0)
     for _ in range(2):
         alone.next_chunk()
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        alone.next_chunk()
-    fps_alone = rounds * l / (time.perf_counter() - t0)
+    fps_alone = l / median_seconds(alone.next_chunk)
     many = [session(j) for j in range(streams)]
     for j, s in enumerate(many):  # joined at different frames
         for _ in range(j % 4 + 2):
             s.next_chunk()
     next_chunks(many)  # warm-up of the batched path
-    t0 = time.perf_counter()
-    for _ in range(rounds):
-        next_chunks(many)
-    fps_many = rounds * streams * l / (time.perf_counter() - t0)
+    fps_many = streams * l / median_seconds(lambda: next_chunks(many))
     calls = call_latency(model, batches=(rows, streams * rows), repeat=repeat, text_tokens=text_tokens)["calls"]
     k = len(alone.sampler)
     round_floor = k * calls["denoise"]["seconds"][1] + calls["write"]["seconds"][1]
