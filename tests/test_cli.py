@@ -386,3 +386,15 @@ def test_bench_step_cache_with_the_context_held(digits_checkpoint, tmp_path):
     assert rows["first-block:0"]["psnr_per_chunk"] == [100.0] * 4  # never reuses: the reference's own chunks
     assert rows["fixed:1"]["fraction_computed"] == 0.75 and min(rows["fixed:1"]["psnr_per_chunk"]) < 100
     assert rows["uncached, 2 steps"]["fraction_computed"] == 0.5
+
+
+def test_bench_streams_compares_batched_streams_with_one_alone(text_checkpoint, tmp_path):
+    js = tmp_path / "streams.json"
+    r = ca2vdm("bench", "--streams", 3, "--checkpoint", text_checkpoint, "--json", js)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(js.read_text())
+    assert report["streams"] == 3 and report["rows_per_stream"] == 2  # the checkpoint recommends guidance 4
+    assert report["denoise_calls_per_chunk"] == 20  # its default sampling: 20 steps
+    assert report["frames_per_second_batched"] > 0 and report["ceiling_frames_per_second"] > 0
+    assert set(report["call_seconds"]["denoise"]) == {"alone", "batched"}  # timed at 2 and 3 x 2 rows
+    assert "3 streams batched" in r.stdout
