@@ -31,7 +31,9 @@ from ca2vdm.video import VideoWriter, read_video, to_uint8  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # the references: tiny tensors, busy cores
+pytestmark = [pytest.mark.usefixtures("one_thread"),  # the references: tiny tensors, busy cores
+              # recent websockets wants its sync client in a `with` block; these clients are closed by the tests
+              pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")]
 
 FPS, MAX_SESSIONS, TEXT_DIM = 40.0, 2, 16
 START = {"type": "start", "prompt": "a 3 moving down", "steps": 2, "guidance": 2.0, "seed": 5}
