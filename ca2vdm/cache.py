@@ -278,11 +278,10 @@ class CacheBatch:
 
     def __init__(self, caches: list[KVCache]):
         first = caches[0]
-        for c in caches[1:]:
-            same = (c.layout, c.capacity, c.staging, c.tokens, c.heads, c.head_dim, c.dtype, c.prefix_capacity)
-            if same != (first.layout, first.capacity, first.staging, first.tokens, first.heads, first.head_dim,
-                        first.dtype, first.prefix_capacity):
-                raise ValueError("caches of one batch must come from one model with one cache dtype")
+        layout = lambda c: (c.layout, c.capacity, c.staging, c.tokens, c.heads, c.head_dim, c.dtype,  # noqa: E731
+                            c.prefix_capacity)
+        if any(layout(c) != layout(first) for c in caches[1:]):
+            raise ValueError("caches of one batch must come from one model with one cache dtype")
         if first.prefix_capacity and len({c.prefix_len for c in caches}) > 1:
             raise ValueError("with prefix enhancement, streams batched together must have the same prefix length")
         self.caches, self.layout, self.capacity = caches, first.layout, first.capacity
@@ -323,7 +322,7 @@ class CacheBatch:
         values that ``attention_mask`` goes with."""
         if torch.is_grad_enabled():
             raise RuntimeError("a batch of caches is for generation; run it under torch.no_grad()")
-        q, end = k.shape[3], self.capacity + k.shape[3]
+        end = self.capacity + k.shape[3]
         for c, kc, vc in zip(self.caches, k.split(self.splits), v.split(self.splits)):
             c.stage(block, kc, vc)
         return (torch.cat([c.k[block][:, :, :, :end] for c in self.caches]),

@@ -2,13 +2,21 @@
 per prompt set (``Condition``: per-block text K/V, and one vector per sample for the adaLN input).
 
 ``CausalVideoDiT.condition`` builds a ``Condition`` from its own weights; these are the containers
-and the batch operations on them (stacking, row selection) that generation and step caching need.
+and the batch operations on them (stacking, row selection) that generation and step caching need;
+``classifier_free_guidance`` combines the two halves of a guided prediction.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+def classifier_free_guidance(pred: torch.Tensor, scale: float) -> torch.Tensor:
+    """A prediction of 2B rows [conditional; unconditional] -> uncond + scale (cond - uncond), B rows.
+    Linear in the prediction: the same in velocity, noise or x0 space."""
+    cond_pred, uncond_pred = pred.chunk(2)
+    return uncond_pred + scale * (cond_pred - uncond_pred)
 
 
 @dataclass

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .conditioning import Condition, Text
+from .conditioning import Text, classifier_free_guidance
 from .model import CausalVideoDiT
-from .stream import MODES, GenerationStats, StreamSession, chunk_noise
+from .stream import MODES, GenerationStats, StreamSession, batch_size_of, chunk_noise
 
 __all__ = ["generate", "generate_video", "generate_clip", "generate_to_files", "video_to_video_files", "load_first_frames", "load_clip",
            "write_sample_gif",
@@ -85,13 +85,10 @@ def generate_clip(model: CausalVideoDiT, prompt: Text | None = None, negative_pr
     if cfg.temporal != "bidirectional":
         raise ValueError("generate_clip samples bidirectional models; a causal model streams with generate()")
     F = cfg.clip_length if frames is None else frames
-    B = batch or (prompt.states.shape[0] if prompt is not None else
-                  len(labels) if labels is not None else len(seed) if isinstance(seed, (list, tuple)) else 1)
+    B = batch_size_of(None, prompt, labels, seed, batch)
     seeds = [seed + b for b in range(B)] if isinstance(seed, int) else list(seed)
     guided = guidance != 1.0
-    cond = model.condition(B, prompt, labels)
-    if guided:
-        cond = Condition.cat(cond, model.unconditional(B, negative_prompt))
+    cond = model.guided_condition(B, prompt, labels, negative_prompt) if guided else model.condition(B, prompt, labels)
     x = chunk_noise(seeds, 0, (cfg.in_channels, F, *cfg.frame_size), dtype=model.dtype, device=model.device)
     sampler = model.diffusion.sampler(steps)
     amp = torch.autocast(model.device.type, dtype=autocast) if autocast else torch.autocast(model.device.type,
@@ -104,8 +101,7 @@ def generate_clip(model: CausalVideoDiT, prompt: Text | None = None, negative_pr
             pred = model(xin, torch.full((xin.shape[0], F), tv, dtype=torch.float64, device=model.device), cond)
         pred = pred.to(model.dtype)
         if guided:
-            c, u = pred.chunk(2)
-            pred = u + guidance * (c - u)
+            pred = classifier_free_guidance(pred, guidance)
         x = sampler.step(x, pred, i)
     if trajectory is not None:
         trajectory.append(x)
@@ -118,6 +114,16 @@ def generate_clip(model: CausalVideoDiT, prompt: Text | None = None, negative_pr
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
+def pixel_size(model: CausalVideoDiT, autoencoder, option: str) -> tuple[int, int]:
+    """The (H, W) of the pixel frames that ``autoencoder`` encodes to the model's frames; a clear error,
+    naming the command-line ``option`` that brought the frames, when it cannot make the model's channels."""
+    cfg = model.config
+    if autoencoder.channels != cfg.in_channels:
+        raise ValueError(f"this model works on {cfg.in_channels}-channel latents and its checkpoint names no "
+                         f"autoencoder to encode {option} with")
+    return tuple(s * autoencoder.downsample for s in cfg.frame_size)
+
+
 def load_first_frames(path, model: CausalVideoDiT, batch: int, autoencoder) -> torch.Tensor:
     """An image, or a video's last frames, resized to the model's frame size and encoded by
     ``autoencoder``: (batch, C, prefix_frames, H, W). An image for a model that takes several
@@ -125,10 +131,7 @@ def load_first_frames(path, model: CausalVideoDiT, batch: int, autoencoder) -> t
     from .video import read_image, read_video
 
     cfg = model.config
-    if autoencoder.channels != cfg.in_channels:
-        raise ValueError(f"this model works on {cfg.in_channels}-channel latents and its checkpoint names no "
-                         f"autoencoder to encode --first-frame with")
-    size = tuple(s * autoencoder.downsample for s in cfg.frame_size)
+    size = pixel_size(model, autoencoder, "--first-frame")
     p = cfg.prefix_frames
     if p == 0:
         raise ValueError("this model starts from a prompt alone (prefix_frames=0); it takes no --first-frame")
@@ -152,10 +155,7 @@ def load_clip(path, model: CausalVideoDiT, batch: int, autoencoder, fps: float |
     from .video import read_video
 
     cfg = model.config
-    if autoencoder.channels != cfg.in_channels:
-        raise ValueError(f"this model works on {cfg.in_channels}-channel latents and its checkpoint names no "
-                         f"autoencoder to encode --continue with")
-    size = tuple(s * autoencoder.downsample for s in cfg.frame_size)
+    size = pixel_size(model, autoencoder, "--continue")
     if not Path(path).is_file():
         raise FileNotFoundError(f"video to continue not found: {path}")
     p, l = cfg.prefix_frames, cfg.chunk_frames
@@ -301,7 +301,7 @@ def video_to_video_files(checkpoint, source, prompt, strength: float, out="outpu
     if not Path(source).is_file():
         raise FileNotFoundError(f"input video not found: {source}")
     autoencoder = load_autoencoder(read_config(checkpoint).get("autoencoder", "pixel"), device)
-    size = tuple(n * autoencoder.downsample for n in cfg.frame_size)
+    size = pixel_size(model, autoencoder, "--input")
     p, l = cfg.prefix_frames, cfg.chunk_frames
     reader = video_chunks(source, 1, size, max_frames, fps)
 

@@ -137,6 +137,10 @@ class CausalVideoDiT(nn.Module):
             return self.condition(batch, labels=torch.full((batch,), self.config.num_classes))
         return self.condition(batch, text=negative)
 
+    def guided_condition(self, batch: int, text: Text | None = None, labels=None, negative: Text | None = None) -> Condition:
+        """Both branches of classifier-free guidance as one 2B batch: the condition, then ``unconditional``."""
+        return Condition.cat(self.condition(batch, text, labels), self.unconditional(batch, negative))
+
     # -- patches -------------------------------------------------------------------------------
     def patchify(self, x):  # (B, C, F, H, W) -> (B, F, S, C*p*p)
         B, C, Fr, H, W = x.shape

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from .cache import CacheBatch
-from .conditioning import Condition, Text
+from .conditioning import Condition, Text, classifier_free_guidance
 from .diffusion import mix_seed
 from .model import CausalVideoDiT
 from .safefile import save_safetensors
@@ -135,7 +135,8 @@ class RecomputeWindow(RecomputeFull):
 ENGINES = {"shared": SharedCache, "recompute-full": RecomputeFull, "recompute-window": RecomputeWindow}
 
 
-def _batch_size(first_frames, prompt, labels, seed, batch):
+def batch_size_of(first_frames, prompt, labels, seed, batch) -> int:
+    """The batch the given inputs imply (1 if none says); an error naming them when they disagree."""
     sizes = {}
     if first_frames is not None:
         sizes["first_frames"] = first_frames.shape[0]
@@ -199,7 +200,7 @@ class StreamSession:
             raise ValueError(f"steps={steps} contradicts the {len(levels)} noise levels given; give one of them")
         if steps is not None and steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
-        B = _batch_size(first_frames, prompt, labels, seed, batch)
+        B = batch_size_of(first_frames, prompt, labels, seed, batch)
         p = cfg.prefix_frames
         if p:
             expected = (B, cfg.in_channels, p, *cfg.frame_size)
@@ -247,11 +248,10 @@ class StreamSession:
         session's own prompt, labels, negative prompt and guidance unless others are given)."""
         prompt = self.prompt if prompt is None else prompt
         labels = self.labels if labels is None else labels
-        cond = self.model.condition(self.batch, prompt, labels)
         if self.guided if guided is None else guided:
             negative = self.negative_prompt if negative is None else negative
-            cond = Condition.cat(cond, self.model.unconditional(self.batch, negative))
-        return cond
+            return self.model.guided_condition(self.batch, prompt, labels, negative)
+        return self.model.condition(self.batch, prompt, labels)
 
     @contextlib.contextmanager
     def _network(self, grad: bool = False):
@@ -650,9 +650,8 @@ class _ChunkRun:
         s, sampler = self.session, self.sampler
         pred = pred.to(s.model.dtype)
         s.stats.denoise_calls += 1
-        if s.guided:  # linear in the prediction: the same in velocity, noise or x0 space
-            cond_pred, uncond_pred = pred.chunk(2)
-            pred = uncond_pred + s.guidance * (cond_pred - uncond_pred)
+        if s.guided:
+            pred = classifier_free_guidance(pred, s.guidance)
         if sampler.predicts_x0 and i == self.steps - 1:  # the exit: this x0 is the chunk
             self.x = pred
         elif sampler.predicts_x0:  # re-noise the x0 prediction to the next level with this step's own noise

@@ -27,7 +27,7 @@ enters detached, as it does in the rollout's cache).
 
 import torch
 
-from ..conditioning import Condition
+from ..conditioning import classifier_free_guidance
 from ..model import CausalVideoDiT
 from ..stream import StreamSession
 from ..training.losses import Draws, all_chunks_loss, clip_frames, full_clip_loss
@@ -139,13 +139,11 @@ class VideoDMD:
             run = lambda xt, tt, c: model.forward_all_chunks(torch.cat([ctx] * (xt.shape[0] // ctx.shape[0])),  # noqa: E731
                                                              xt, tt, c, x0=True)
         with torch.no_grad(), self._amp():
-            c = model.condition(x.shape[0], cond["prompt"], cond["labels"])
             if guidance == 1.0:
-                return run(x_t, t, c).to(x.dtype)
-            both = Condition.cat(c, model.unconditional(x.shape[0]))
+                return run(x_t, t, model.condition(x.shape[0], cond["prompt"], cond["labels"])).to(x.dtype)
+            both = model.guided_condition(x.shape[0], cond["prompt"], cond["labels"])
             pred = run(torch.cat([x_t, x_t]), torch.cat([t, t]), both).to(x.dtype)
-        cond_pred, uncond_pred = pred.chunk(2)
-        return uncond_pred + guidance * (cond_pred - uncond_pred)
+        return classifier_free_guidance(pred, guidance)
 
     def real_x0(self, x_t, sigma, x, cond):
         return self._x0(self.teacher, x_t, sigma, x, cond, self.guidance)
