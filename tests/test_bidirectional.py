@@ -146,3 +146,29 @@ def test_the_comparison_configs_differ_only_in_teacher_and_rollout():
         for f in ("steps", "teacher_steps", "teacher_guidance", "seed", "ode_pairs", "ode_init"):
             assert getattr(cfg, f) == getattr(base, f), (name, f)
         assert {k: v for k, v in vars(cfg.dmd.dmd).items()} == vars(base.dmd.dmd)
+
+
+def test_the_digits_eval_samples_a_bidirectional_model_by_whole_clips(tmp_path):
+    """``eval`` measures a bidirectional teacher on its own clips (generate_clip), and refuses other lengths."""
+    from ca2vdm.checkpoint import save_checkpoint
+    from ca2vdm.eval import evaluate_digits
+    from ca2vdm.eval.digits import held_out_clips
+    from ca2vdm.metrics.digit_classifier import load_classifier
+    from ca2vdm.metrics.digits import digit_report
+    from ca2vdm.conditioning import Text
+    from ca2vdm.text import get_text_encoder
+
+    model = _bi(frame_size=32, patch=8, text_dim=384, dtype=torch.float32)
+    path = tmp_path / "bi"
+    save_checkpoint(path, model, {"data": {"dataset": "moving-digits", "max_digits": 1}})
+    report = evaluate_digits(path, videos=2, frames=10, steps=2, guidance=2.0, seed=5, fvd=False, log=lambda *a: None)
+    items = held_out_clips(path, model, 2, 10, 5)
+    prompt = Text(*get_text_encoder("cpu").encode([it["caption"] for it in items]))
+    clips = generate_clip(model, prompt, steps=2, guidance=2.0, seed=[5, 6]).float().clamp(-1, 1)
+    expected = digit_report(load_classifier(), clips, [it["digits"] for it in items],
+                            torch.stack([it["video"] for it in items]), chunk_frames=model.config.chunk_frames)
+    assert report["frames"] == 10 and report["num_videos"] == 2
+    assert report["overall"]["brightness_drift"] == pytest.approx(expected["overall"]["brightness_drift"], abs=0)
+    assert report["acc"] == expected["acc"]
+    with pytest.raises(ValueError, match="whole clips of 10 frames"):
+        evaluate_digits(path, videos=1, frames=12, steps=2, fvd=False, log=lambda *a: None)

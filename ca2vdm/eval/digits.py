@@ -8,7 +8,7 @@ import torch
 from ..checkpoint import load_checkpoint, read_config, sampling_for
 from ..conditioning import Text
 from ..data import MovingDigits
-from ..generate import generate_video
+from ..generate import generate_clip, generate_video
 from ..metrics.digit_classifier import load_classifier
 from ..metrics.digits import digit_report
 from ..metrics.fvd import add_fvd
@@ -31,20 +31,30 @@ def evaluate_digits(checkpoint, videos=16, frames=128, steps=None, guidance=None
     """Generate ``videos`` videos from the captions of held-out moving-digits clips and measure them
     against those clips: per-chunk digit accuracy, tracked speed, brightness drift (``digit_report``),
     and FVD (``fvd_report``, frames resized as ``fvd_resize`` says) unless ``fvd=False``. steps /
-    levels / guidance default to the checkpoint's recommendation (``sampling_for``)."""
+    levels / guidance default to the checkpoint's recommendation (``sampling_for``). A bidirectional
+    model samples whole clips (``generate_clip``), so ``frames`` must be its ``clip_length``."""
     from ..text import get_text_encoder
 
     sampling = sampling_for(checkpoint, steps, levels, guidance)
     steps, levels, guidance = sampling["steps"], sampling["levels"], sampling["guidance"]
     model = load_checkpoint(checkpoint, device=device)
+    clip = model.config.temporal == "bidirectional"
+    if clip and (frames != model.config.clip_length or levels is not None):
+        raise ValueError(f"{checkpoint} is a bidirectional model: it samples whole clips of "
+                         f"{model.config.clip_length} frames with uniform steps (got frames={frames}, levels={levels})")
     items = held_out_clips(checkpoint, model, videos, frames, seed)
     enc = get_text_encoder("cpu")
     out, t0 = [], time.perf_counter()
     for b in range(0, videos, batch):
         part = items[b:b + batch]
         prompt = Text(*enc.encode([it["caption"] for it in part]))
-        out.append(generate_video(model, frames, prompt=prompt, steps=steps, levels=levels, guidance=guidance,
-                                  seed=[seed + b + i for i in range(len(part))]).float().cpu())
+        seeds = [seed + b + i for i in range(len(part))]
+        if clip:
+            video = generate_clip(model, prompt, steps=steps, guidance=guidance, seed=seeds)
+        else:
+            video = generate_video(model, frames, prompt=prompt, steps=steps, levels=levels, guidance=guidance,
+                                   seed=seeds)
+        out.append(video.float().cpu())
         log(f"  generated {b + len(part)}/{videos} videos of {frames} frames ({time.perf_counter() - t0:.0f} s)")
     gen = torch.cat(out).clamp(-1, 1)
     gt_videos = torch.stack([it["video"] for it in items])
