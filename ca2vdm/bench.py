@@ -308,6 +308,138 @@ def format_stream_batching(r: dict) -> str:
         f"{r['ceiling_frames_per_second']:.1f} frames/s; batched reaches {r['share_of_ceiling']:.0%} of it"])
 
 
+# --------------------------------------------------------------------------------------------
+# One autoregressive step under each speed setting, against this machine's GEMM peak
+# --------------------------------------------------------------------------------------------
+# name -> (autocast dtype or None, Linear keeps its low-precision weights, attention under CPU autocast)
+SETTINGS = {
+    "float32": (None, True, "float32"),
+    "bf16, weights cast every call": (torch.bfloat16, False, "float32"),
+    "bf16": (torch.bfloat16, True, "float32"),
+    "bf16, bf16 attention": (torch.bfloat16, True, "compute"),
+}
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of the best of ``repeat`` (n x n) @ (n x n) matmuls in ``dtype``: this machine's GEMM peak."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeat + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+class _Setting:
+    """Apply one entry of ``SETTINGS`` for the duration of a with block."""
+
+    def __init__(self, name: str, device: str):
+        from . import layers
+
+        self.layers = layers
+        self.amp, self.keep, self.attention = SETTINGS[name]
+        self.device = device
+
+    def __enter__(self):
+        self.saved = (self.layers.Linear.keep_low_precision, self.layers.CPU_AUTOCAST_ATTENTION)
+        self.layers.Linear.keep_low_precision, self.layers.CPU_AUTOCAST_ATTENTION = self.keep, self.attention
+        self.ctx = torch.autocast(self.device, dtype=self.amp) if self.amp else torch.autocast(self.device, enabled=False)
+        self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        self.layers.Linear.keep_low_precision, self.layers.CPU_AUTOCAST_ATTENTION = self.saved
+
+
+def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, settings=None, device: str = "cpu",
+                  log=print) -> dict:
+    """One autoregressive step of the preset's model (random weights, batch 1, a full window in the
+    cache: ``steps`` denoising calls and one write pass) under every setting of ``SETTINGS``.
+
+    Settings are timed round-robin, ``rounds`` times each, and each keeps its median, so a noisy
+    neighbour slows all of them alike. The step's FLOPs are counted once (``FlopCounterMode``: the
+    matmuls and attention); the GEMM peak of float32 and of bf16 is measured in the same run with a
+    large matmul. Per setting: ms per step, achieved FLOP/s and its fraction of the peak of the
+    setting's matmul dtype, and the GEMM-only floor (the step's FLOPs at that peak)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    names = list(settings or SETTINGS)
+    bad = [n for n in names if n not in SETTINGS]
+    if bad:
+        raise ValueError(f"unknown setting(s) {bad}; choose from {list(SETTINGS)}")
+    torch.manual_seed(0)
+    model = CausalVideoDiT(preset_config(preset)).to(device).eval().requires_grad_(False)
+    cfg, l = model.config, model.config.chunk_frames
+    x = torch.randn(1, cfg.in_channels, l, *cfg.frame_size, device=device)
+    t = torch.full((1, l), 500.0, dtype=torch.float64, device=device)
+    caches = {}
+    for name in names:  # one cache per compute dtype, a full window of random K/V
+        dtype = SETTINGS[name][0] or torch.float32
+        if dtype not in caches:
+            cache = caches[dtype] = model.new_cache(1, dtype)
+            n = cfg.prefix_frames
+            while n < cfg.max_context_frames:  # the first chunk boundary with a full window behind it
+                n += l
+            cache.frames_written = n
+            for b in range(cfg.depth):
+                cache.k[b].normal_()
+                cache.v[b].normal_()
+    start = caches[next(iter(caches))].frames_written
+
+    def one_step(name):
+        cache = caches[SETTINGS[name][0] or torch.float32]
+        with torch.no_grad(), _Setting(name, device):
+            for _ in range(steps):
+                model.forward_cached(x, t, cache)
+            cache.frames_written = start
+            model.forward_cached(x, torch.zeros_like(t), cache, write=True)
+
+    with FlopCounterMode(display=False) as counter:
+        one_step("float32")
+    flops = counter.get_total_flops()
+    peaks = {torch.float32: gemm_peak(torch.float32, device=device), torch.bfloat16: gemm_peak(torch.bfloat16, device=device)}
+    log(f"  GEMM peak: float32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; "
+        f"{flops / 1e9:.1f} GFLOP per step")
+    times = {n: [] for n in names}
+    for name in names:
+        one_step(name)  # warm-up: allocator, kernels, the low-precision weights
+    for r in range(rounds):
+        for name in names:
+            _sync(device)
+            t0 = time.perf_counter()
+            one_step(name)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    rows = {}
+    for name in names:
+        sec = statistics.median(times[name])
+        peak = peaks[SETTINGS[name][0] or torch.float32]
+        rows[name] = dict(step_seconds=sec, all_seconds=times[name], flops_per_second=flops / sec,
+                          peak_fraction=flops / sec / peak, gemm_floor_seconds=flops / peak)
+    return dict(device=device_name(device), preset=preset, steps=steps, rounds=rounds, flops_per_step=flops,
+                gemm_peak_flops={str(k).replace("torch.", ""): v for k, v in peaks.items()},
+                cache_bytes={str(k).replace("torch.", ""): c.nbytes for k, c in caches.items()}, settings=rows)
+
+
+def format_step_settings(r: dict) -> str:
+    peaks = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in r["gemm_peak_flops"].items())
+    lines = [f"device: {r['device']}   preset: {r['preset']}   one AR step = {r['steps']} denoising calls + 1 write, "
+             f"{r['flops_per_step'] / 1e9:.1f} GFLOP   GEMM peak: {peaks}",
+             f"{'setting':<32}{'ms/step':>10}{'GFLOP/s':>10}{'of peak':>9}{'GEMM floor ms':>15}{'x float32':>11}"]
+    base = r["settings"].get("float32", {}).get("step_seconds")
+    for name, s in r["settings"].items():
+        lines.append(f"{name:<32}{s['step_seconds'] * 1e3:>10.1f}{s['flops_per_second'] / 1e9:>10.1f}"
+                     f"{s['peak_fraction']:>9.1%}{s['gemm_floor_seconds'] * 1e3:>15.1f}"
+                     + (f"{s['step_seconds'] / base:>11.2f}" if base else ""))
+    lines.append(f"median of {r['rounds']} rounds, settings interleaved; GEMM floor = the step's FLOPs at the peak of "
+                 "the setting's matmul dtype")
+    return "\n".join(lines)
+
+
 def _worker(queue, fn, *args):
     try:
         queue.put(("ok", fn(*args)))

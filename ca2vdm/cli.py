@@ -55,6 +55,16 @@ def _bench(args):
         print(format_stream_batching(result))
         _save(result, args.json)
         return
+    if args.settings:
+        from .bench import format_step_settings, step_settings
+
+        if args.device == "cuda":
+            raise ValueError("--settings compares CPU settings (bf16 autocast, attention dtype); on CUDA use --calls")
+        print(f"one autoregressive step of the {args.preset} preset under every speed setting ...")
+        result = step_settings(args.preset, args.steps, args.rounds)
+        print(format_step_settings(result))
+        _save(result, args.json)
+        return
     if args.calls:
         import torch
 
@@ -503,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--calls", action="store_true",
                    help="instead: per-call latency of a checkpoint's cached step and write pass at batch 1-16, "
                         "with the overhead that does not grow with the batch separated from compute")
+    b.add_argument("--settings", action="store_true",
+                   help="instead: one autoregressive step of --preset under every speed setting (float32; bf16 "
+                        "autocast with weights cast every call, kept in bf16, and with bf16 attention), each against "
+                        "this machine's measured GEMM peak")
+    b.add_argument("--rounds", type=int, default=5, help="with --settings: timed rounds per setting (median)")
     b.add_argument("--streams", type=int, metavar="N",
                    help="N streams of --checkpoint batched into one forward against one alone and the ceiling")
     b.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),

@@ -346,7 +346,8 @@ def write_sample_gif(model: CausalVideoDiT, items: list[dict], path, frames: int
                      guidance: float = 4.0, **sampling) -> Path | None:
     """Sample videos side by side in one GIF (a training run's progress picture): one video per
     conditioning item ({"caption"?, "label"?, "video"?: source of the first frames}), seeds 0, 1, ...
-    ``encode(captions) -> Text`` for text models; ``sampling``: ``generate``'s steps or levels.
+    ``encode(captions) -> Text`` for text models; ``sampling``: ``generate``'s steps or levels. A
+    bidirectional model samples one whole clip each (``generate_clip``, ``steps`` default 20).
     Returns the path, or None for a model whose frames are not RGB pixels."""
     from .video import VideoWriter
 
@@ -360,8 +361,13 @@ def write_sample_gif(model: CausalVideoDiT, items: list[dict], path, frames: int
         kw["prompt"], kw["guidance"] = encode([it["caption"] for it in items]), guidance
     elif cfg.conditioning == "class":
         kw["labels"], kw["guidance"] = torch.tensor([it["label"] for it in items]), guidance
-    frames = max(frames, cfg.prefix_frames + cfg.chunk_frames)
-    video = generate_video(model, frames, **kw).float().clamp(-1, 1).cpu()  # (n, C, F, H, W)
+    if cfg.temporal == "bidirectional":  # a whole clip; its length is the model's
+        steps = kw.pop("steps", None) or len(kw.pop("levels", None) or []) or 20
+        kw.pop("levels", None)
+        video = generate_clip(model, steps=steps, **kw)
+    else:
+        video = generate_video(model, max(frames, cfg.prefix_frames + cfg.chunk_frames), **kw)
+    video = video.float().clamp(-1, 1).cpu()  # (n, C, F, H, W)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = VideoWriter(path, fps=8, scale=4)

@@ -31,6 +31,9 @@ def _causal_lower_right(lq: int, lk: int, device: torch.device) -> torch.Tensor:
     return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
 
 
+CPU_AUTOCAST_ATTENTION = "float32"  # "float32" | "compute": attention's dtype under CPU autocast (see ``attend``)
+
+
 def _cpu_autocast_on() -> bool:
     try:
         return torch.is_autocast_enabled("cpu")
@@ -44,8 +47,10 @@ def attend(q, k, v, mask=None):
     ``mask`` is None, a boolean tensor broadcastable to (N, H, Lq, Lk), or ``"causal"`` for
     causal attention aligned bottom-right (queries are the last Lq of the Lk keys, as with a
     cache; SDPA's ``is_causal`` would align top-left). On CUDA the causal case uses
-    ``causal_lower_right`` so fused kernels apply; on CPU a cached boolean mask. Under CPU bf16
-    autocast the attention itself runs in float32 (bf16 SDPA is slow and loose on CPU).
+    ``causal_lower_right`` so fused kernels apply; on CPU a cached boolean mask. Under CPU
+    autocast the attention itself runs in float32 unless ``CPU_AUTOCAST_ATTENTION`` is
+    ``"compute"`` (then in the autocast dtype: since torch 2.x bf16 SDPA is as fast as float32 on
+    CPU and saves the three casts up and one down, at bf16's error; ``bench --settings`` measures it).
     """
     if isinstance(mask, str):
         lq, lk = q.shape[-2], k.shape[-2]
@@ -54,7 +59,7 @@ def attend(q, k, v, mask=None):
             mask = causal_lower_right(lq, lk)
         else:
             mask = _causal_lower_right(lq, lk, q.device)
-    if q.device.type == "cpu" and _cpu_autocast_on():
+    if q.device.type == "cpu" and CPU_AUTOCAST_ATTENTION == "float32" and _cpu_autocast_on():
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         return out.to(q.dtype)
@@ -89,6 +94,41 @@ class FrameContext:
         return replace(self, cache=self.cache.rows(rows), tapped=None)
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The lower-precision dtype of the autocast region we are in on ``device_type``, or None."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that, under autocast, keeps one low-precision copy of its weight and bias.
+
+    Autocast casts a weight to bf16/fp16 on every call unless autograd needs the cast (it caches
+    only leaves that require grad, and only within one autocast region), so an inference forward
+    spends as much time copying weights as multiplying with them. Here the cast copy is kept and
+    reused while the weight is unchanged (same storage, same version counter: an optimizer step or
+    ``load_state_dict`` makes a fresh one). The result is bitwise what autocast computes. When
+    autograd must reach the weight (grad enabled and ``requires_grad``) autocast's own path runs.
+    """
+
+    keep_low_precision = True  # False: autocast's cast on every call (what ``bench --settings`` compares)
+    _low = None  # (key, weight, bias) in the autocast dtype; not a buffer, never saved
+
+    def forward(self, x):
+        w = self.weight
+        dtype = _autocast_dtype(w.device.type)
+        if (not self.keep_low_precision or dtype is None or w.dtype == dtype or not w.is_floating_point()
+                or (torch.is_grad_enabled() and w.requires_grad)):
+            return super().forward(x)
+        b = self.bias
+        key = (w.data_ptr(), w._version, None if b is None else b._version, dtype)
+        if self._low is None or self._low[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                self._low = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
+        return F.linear(x.to(dtype), self._low[1], self._low[2])
+
+
 def modulate(x, shift, scale):
     return x * (1 + scale) + shift
 
@@ -99,8 +139,8 @@ class SpatialAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, x):  # (B, F, S, D)
         B, Fr, S, D = x.shape
@@ -115,8 +155,8 @@ class TemporalAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
 
     def forward(self, h, ctx: FrameContext, block: int):  # h (B, F, S, D)
         B, Fr, S, D = h.shape
@@ -145,9 +185,9 @@ class PrefixAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(dim, 2 * dim)
+        self.proj = Linear(dim, dim)
 
     def keys(self, x):  # (B, F, S, D) -> k, v each (B, H, F, S, d)
         B, Fr, S, D = x.shape
@@ -182,9 +222,9 @@ class CrossAttention(nn.Module):
     def __init__(self, dim, text_dim, heads):
         super().__init__()
         self.heads = heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(text_dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim)
+        self.kv = Linear(text_dim, 2 * dim)
+        self.proj = Linear(dim, dim)
 
     def text_kv(self, states):  # (B, N, Dt) -> k, v each (B, H, N, d)
         B, N, _ = states.shape
@@ -214,8 +254,8 @@ class Block(nn.Module):
         self.cross = CrossAttention(D, cfg.text_dim, cfg.heads) if cfg.conditioning == "text" else None
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         hidden = int(D * cfg.mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 9 * D))
+        self.mlp = nn.Sequential(Linear(D, hidden), nn.GELU(approximate="tanh"), Linear(hidden, D))
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(D, 9 * D))
 
     def forward(self, x, c, cond, ctx: FrameContext, index: int):
         # x (B, F, S, D); c (B, F, D) per-frame time (+ label / pooled text) embedding
@@ -242,7 +282,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t):
         dtype = self.mlp[0].weight.dtype

@@ -31,7 +31,7 @@ from .cache import CacheBatch, KVCache
 from .conditioning import Condition, Text
 from .config import ModelConfig
 from .diffusion import make_diffusion
-from .layers import Block, FrameContext, TimestepEmbedder, modulate
+from .layers import Block, FrameContext, Linear, TimestepEmbedder, modulate
 from .positions import CyclicTPE, RoPE, sincos_2d
 
 
@@ -44,19 +44,19 @@ class CausalVideoDiT(nn.Module):
         D, p, C = cfg.hidden, cfg.patch, cfg.in_channels
         self.layout = cfg.layout
         self.grid = (cfg.frame_size[0] // p, cfg.frame_size[1] // p)
-        self.patch_embed = nn.Linear(C * p * p, D)
+        self.patch_embed = Linear(C * p * p, D)
         self.register_buffer("spatial_pos", sincos_2d(*self.grid, D).float(), persistent=False)
         self.time_embed = TimestepEmbedder(D)
         self.label_embed = nn.Embedding(cfg.num_classes + 1, D) if cfg.conditioning == "class" else None
         self.null_text = nn.Parameter(torch.randn(1, cfg.text_dim) * 0.02) if cfg.conditioning == "text" else None
-        self.text_pool = (nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.text_pool = (nn.Sequential(Linear(cfg.text_dim, D), nn.SiLU(), Linear(D, D))
                           if cfg.pooled_text else None)
         self.tpe = CyclicTPE(cfg.cyclic_length, D) if cfg.positions == "cyclic" else None
         self.rope = RoPE(D // cfg.heads, cfg.rope_base) if cfg.positions == "rope" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
-        self.final_proj = nn.Linear(D, C * p * p)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), Linear(D, 2 * D))
+        self.final_proj = Linear(D, C * p * p)
         self.grad_checkpointing = False  # recompute block activations in backward (training only)
         self.diffusion = make_diffusion(cfg.objective, cfg.num_train_timesteps, cfg.flow_shift,
                                         cfg.beta_start, cfg.beta_end, cfg.ddim_spacing)

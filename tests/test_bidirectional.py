@@ -172,3 +172,14 @@ def test_the_digits_eval_samples_a_bidirectional_model_by_whole_clips(tmp_path):
     assert report["acc"] == expected["acc"]
     with pytest.raises(ValueError, match="whole clips of 10 frames"):
         evaluate_digits(path, videos=1, frames=12, steps=2, fvd=False, log=lambda *a: None)
+
+
+def test_training_samples_of_a_bidirectional_model_are_whole_clips(tmp_path):
+    """A training run's sample GIF (what ``train`` writes every ``eval_every`` steps) samples clips."""
+    from ca2vdm.generate import write_sample_gif
+    from ca2vdm.video import read_video
+
+    model = _bi(conditioning="none", dtype=torch.float32)
+    path = write_sample_gif(model, [{}, {}], tmp_path / "s.gif", frames=4, steps=2)
+    video = read_video(path)
+    assert video.shape[1] == 10  # the clip's 10 frames, not the 4 asked of a causal stream

@@ -309,6 +309,24 @@ def test_bench_calls_separates_overhead_from_compute(text_checkpoint, tmp_path):
     assert "overhead at B=1" in r.stdout
 
 
+def test_bench_settings_times_every_setting_against_the_gemm_peak(tmp_path):
+    from ca2vdm.bench import PRESETS, SETTINGS
+
+    js = tmp_path / "settings.json"
+    r = ca2vdm("bench", "--settings", "--preset", "tiny", "--steps", 2, "--rounds", 1, "--json", js)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(js.read_text())
+    assert list(result["settings"]) == list(SETTINGS) and "GEMM peak" in r.stdout
+    p = PRESETS["tiny"]
+    tokens = p["chunk_frames"] * (p["frame_size"] // p["patch"]) ** 2
+    block_linears = 2 * tokens * 16 * p["hidden"] ** 2  # qkv + proj twice, MLP 4x: 16 D^2 MACs per token
+    calls = 2 + 1  # two denoising calls and the write pass
+    assert calls * p["depth"] * block_linears < result["flops_per_step"] < 1.6 * calls * p["depth"] * block_linears
+    for s in result["settings"].values():
+        assert s["step_seconds"] > 0 and s["gemm_floor_seconds"] > 0 and 0 < s["peak_fraction"]
+    assert result["gemm_peak_flops"]["bfloat16"] > 0 and result["cache_bytes"]["bfloat16"] * 2 == result["cache_bytes"]["float32"]
+
+
 def _clip(path, frames, fps, size=(24, 40)):
     from ca2vdm.video import VideoWriter
 
