@@ -12,6 +12,7 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -311,12 +312,26 @@ def format_stream_batching(r: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # One autoregressive step under each speed setting, against this machine's GEMM peak
 # --------------------------------------------------------------------------------------------
-# name -> (autocast dtype or None, Linear keeps its low-precision weights, attention under CPU autocast)
+@dataclass(frozen=True)
+class Setting:
+    """A speed setting: autocast dtype (None: the model's float32), whether ``layers.Linear`` keeps
+    its low-precision weights, attention's dtype under CPU autocast (``layers.CPU_AUTOCAST_ATTENTION``),
+    and whether denoising calls run through ``torch.compile`` (inductor with frozen weights: one
+    static graph once the window is full; write passes stay eager, their ring slots move)."""
+
+    autocast: torch.dtype | None = None
+    keep_low_precision: bool = True
+    attention: str = "float32"
+    compile: bool = False
+
+
 SETTINGS = {
-    "float32": (None, True, "float32"),
-    "bf16, weights cast every call": (torch.bfloat16, False, "float32"),
-    "bf16": (torch.bfloat16, True, "float32"),
-    "bf16, bf16 attention": (torch.bfloat16, True, "compute"),
+    "float32": Setting(),
+    "float32, compiled denoising": Setting(compile=True),
+    "bf16, weights cast every call": Setting(torch.bfloat16, keep_low_precision=False),
+    "bf16": Setting(torch.bfloat16),
+    "bf16, bf16 attention": Setting(torch.bfloat16, attention="compute"),
+    "bf16, bf16 attention, compiled": Setting(torch.bfloat16, attention="compute", compile=True),
 }
 
 
@@ -334,25 +349,34 @@ def gemm_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 5, device: str = 
     return 2 * n ** 3 / best
 
 
-class _Setting:
-    """Apply one entry of ``SETTINGS`` for the duration of a with block."""
+class applied:
+    """Apply a ``Setting`` (by name or value) for the duration of a with block (autocast and the
+    two ``layers`` switches; compiling is the caller's: see ``compiled_denoising``)."""
 
-    def __init__(self, name: str, device: str):
+    def __init__(self, setting: "str | Setting", device: str = "cpu"):
         from . import layers
 
-        self.layers = layers
-        self.amp, self.keep, self.attention = SETTINGS[name]
-        self.device = device
+        self.layers, self.device = layers, device
+        self.s = SETTINGS[setting] if isinstance(setting, str) else setting
 
     def __enter__(self):
-        self.saved = (self.layers.Linear.keep_low_precision, self.layers.CPU_AUTOCAST_ATTENTION)
-        self.layers.Linear.keep_low_precision, self.layers.CPU_AUTOCAST_ATTENTION = self.keep, self.attention
-        self.ctx = torch.autocast(self.device, dtype=self.amp) if self.amp else torch.autocast(self.device, enabled=False)
+        L, s = self.layers, self.s
+        self.saved = (L.Linear.keep_low_precision, L.CPU_AUTOCAST_ATTENTION)
+        L.Linear.keep_low_precision, L.CPU_AUTOCAST_ATTENTION = s.keep_low_precision, s.attention
+        self.ctx = torch.autocast(self.device, dtype=s.autocast) if s.autocast else torch.autocast(self.device,
+                                                                                                   enabled=False)
         self.ctx.__enter__()
 
     def __exit__(self, *exc):
         self.ctx.__exit__(*exc)
         self.layers.Linear.keep_low_precision, self.layers.CPU_AUTOCAST_ATTENTION = self.saved
+
+
+def compiled_denoising(model: CausalVideoDiT):
+    """``model.forward_cached`` through ``torch.compile`` (static shapes, inductor freezing: weights
+    folded in as constants, so the model must not change afterwards). For denoising calls: their
+    shapes are static once the window is full; a write pass would recompile for every ring slot."""
+    return torch.compile(model.forward_cached, dynamic=False, options={"freezing": True})
 
 
 def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, settings=None, device: str = "cpu",
@@ -373,12 +397,15 @@ def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, setti
         raise ValueError(f"unknown setting(s) {bad}; choose from {list(SETTINGS)}")
     torch.manual_seed(0)
     model = CausalVideoDiT(preset_config(preset)).to(device).eval().requires_grad_(False)
+    with torch.no_grad():  # every weight random (adaLN-Zero would make the output 0 and the checks below empty)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
     cfg, l = model.config, model.config.chunk_frames
     x = torch.randn(1, cfg.in_channels, l, *cfg.frame_size, device=device)
     t = torch.full((1, l), 500.0, dtype=torch.float64, device=device)
-    caches = {}
+    caches, compiled, compile_seconds = {}, {}, {}
     for name in names:  # one cache per compute dtype, a full window of random K/V
-        dtype = SETTINGS[name][0] or torch.float32
+        dtype = SETTINGS[name].autocast or torch.float32
         if dtype not in caches:
             cache = caches[dtype] = model.new_cache(1, dtype)
             n = cfg.prefix_frames
@@ -391,10 +418,16 @@ def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, setti
     start = caches[next(iter(caches))].frames_written
 
     def one_step(name):
-        cache = caches[SETTINGS[name][0] or torch.float32]
-        with torch.no_grad(), _Setting(name, device):
+        s = SETTINGS[name]
+        cache = caches[s.autocast or torch.float32]
+        denoise = model.forward_cached
+        if s.compile:
+            if name not in compiled:
+                compiled[name] = compiled_denoising(model)
+            denoise = compiled[name]
+        with torch.no_grad(), applied(name, device):
             for _ in range(steps):
-                model.forward_cached(x, t, cache)
+                denoise(x, t, cache)
             cache.frames_written = start
             model.forward_cached(x, torch.zeros_like(t), cache, write=True)
 
@@ -405,8 +438,21 @@ def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, setti
     log(f"  GEMM peak: float32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; "
         f"{flops / 1e9:.1f} GFLOP per step")
     times = {n: [] for n in names}
-    for name in names:
-        one_step(name)  # warm-up: allocator, kernels, the low-precision weights
+    for name in names:  # warm-up: allocator, kernels, the low-precision weights, compiling
+        t0 = time.perf_counter()
+        one_step(name)
+        compile_seconds[name] = time.perf_counter() - t0
+    for name in names:  # a compiled call computes what the eager one does
+        if SETTINGS[name].compile:
+            with torch.no_grad(), applied(name, device):
+                want = model.forward_cached(x, t, caches[SETTINGS[name].autocast or torch.float32]).float()
+                got = compiled[name](x, t, caches[SETTINGS[name].autocast or torch.float32]).float()
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            tol = 1e-4 if SETTINGS[name].autocast is None else 5e-2
+            if not err < tol:
+                raise RuntimeError(f"setting {name!r}: the compiled denoising call differs from eager by {err:.2e}")
+            log(f"  {name}: compiled vs eager, max error {err:.1e} of the output's range; first step "
+                f"{compile_seconds[name]:.1f} s with compiling")
     for r in range(rounds):
         for name in names:
             _sync(device)
@@ -417,8 +463,9 @@ def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, setti
     rows = {}
     for name in names:
         sec = statistics.median(times[name])
-        peak = peaks[SETTINGS[name][0] or torch.float32]
+        peak = peaks[SETTINGS[name].autocast or torch.float32]
         rows[name] = dict(step_seconds=sec, all_seconds=times[name], flops_per_second=flops / sec,
+                          first_step_seconds=compile_seconds[name],
                           peak_fraction=flops / sec / peak, gemm_floor_seconds=flops / peak)
     return dict(device=device_name(device), preset=preset, steps=steps, rounds=rounds, flops_per_step=flops,
                 gemm_peak_flops={str(k).replace("torch.", ""): v for k, v in peaks.items()},

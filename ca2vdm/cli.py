@@ -61,7 +61,7 @@ def _bench(args):
         if args.device == "cuda":
             raise ValueError("--settings compares CPU settings (bf16 autocast, attention dtype); on CUDA use --calls")
         print(f"one autoregressive step of the {args.preset} preset under every speed setting ...")
-        result = step_settings(args.preset, args.steps, args.rounds)
+        result = step_settings(args.preset, args.steps, args.rounds, args.setting or None)
         print(format_step_settings(result))
         _save(result, args.json)
         return
@@ -514,10 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: per-call latency of a checkpoint's cached step and write pass at batch 1-16, "
                         "with the overhead that does not grow with the batch separated from compute")
     b.add_argument("--settings", action="store_true",
-                   help="instead: one autoregressive step of --preset under every speed setting (float32; bf16 "
-                        "autocast with weights cast every call, kept in bf16, and with bf16 attention), each against "
-                        "this machine's measured GEMM peak")
+                   help="instead: one autoregressive step of --preset under every speed setting (float32, "
+                        "compiled or not; bf16 autocast with weights cast every call, kept in bf16, with bf16 "
+                        "attention, compiled), each against this machine's measured GEMM peak")
     b.add_argument("--rounds", type=int, default=5, help="with --settings: timed rounds per setting (median)")
+    b.add_argument("--setting", action="append", default=[], metavar="NAME",
+                   help="with --settings: only these (repeatable; default: all, see ca2vdm.bench.SETTINGS)")
     b.add_argument("--streams", type=int, metavar="N",
                    help="N streams of --checkpoint batched into one forward against one alone and the ceiling")
     b.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),

@@ -109,7 +109,8 @@ class Linear(nn.Linear):
     spends as much time copying weights as multiplying with them. Here the cast copy is kept and
     reused while the weight is unchanged (same storage, same version counter: an optimizer step or
     ``load_state_dict`` makes a fresh one). The result is bitwise what autocast computes. When
-    autograd must reach the weight (grad enabled and ``requires_grad``) autocast's own path runs.
+    autograd must reach the weight (grad enabled and ``requires_grad``) autocast's own path runs,
+    and under ``torch.compile`` too (a frozen graph folds the cast into a constant itself).
     """
 
     keep_low_precision = True  # False: autocast's cast on every call (what ``bench --settings`` compares)
@@ -119,7 +120,7 @@ class Linear(nn.Linear):
         w = self.weight
         dtype = _autocast_dtype(w.device.type)
         if (not self.keep_low_precision or dtype is None or w.dtype == dtype or not w.is_floating_point()
-                or (torch.is_grad_enabled() and w.requires_grad)):
+                or (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling()):
             return super().forward(x)
         b = self.bias
         key = (w.data_ptr(), w._version, None if b is None else b._version, dtype)

@@ -129,8 +129,8 @@ def load_reference(ref_dir):
     return CausalSTDiT2
 
 
-def build_ours(prefix_enhance, cache_dtype=torch.float32, model=None):
-    from ca2vdm.bench import preset_config
+def build_ours(prefix_enhance, cache_dtype=torch.float32, model=None, compiled=False):
+    from ca2vdm.bench import compiled_denoising, preset_config
     from ca2vdm.config import ModelConfig
     from ca2vdm.model import CausalVideoDiT
 
@@ -139,7 +139,7 @@ def build_ours(prefix_enhance, cache_dtype=torch.float32, model=None):
         d.update(prefix_enhance=True, prefix_enhance_frames=3)
     if model is None:
         torch.manual_seed(0)
-        model = CausalVideoDiT(ModelConfig.from_dict(d)).eval()
+        model = CausalVideoDiT(ModelConfig.from_dict(d)).eval().requires_grad_(False)
     cfg = model.config
     l, B = cfg.chunk_frames, 1
     cond = model.condition(B)  # small: conditioning 'none'
@@ -154,8 +154,10 @@ def build_ours(prefix_enhance, cache_dtype=torch.float32, model=None):
             model.forward_cached(x, zeros, cache, cond, write=True)
     start = cache.frames_written
 
+    forward = compiled_denoising(model) if compiled else model.forward_cached
+
     def denoise():
-        model.forward_cached(x, t, cache, cond)
+        forward(x, t, cache, cond)
 
     def write():
         cache.frames_written = start
@@ -214,12 +216,12 @@ def build_reference(CausalSTDiT2, d, prefix_enhance):
 def one_step(denoise, write, setting):
     """The timed calls of one step under ``setting``: for ours a name of ``ca2vdm.bench.SETTINGS``
     (autocast, weight reuse, attention dtype), for the reference "fp32" or "bf16" (autocast)."""
-    from ca2vdm.bench import _Setting
+    from ca2vdm.bench import applied
 
     if setting in ("fp32", "bf16"):
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "bf16" else contextlib.nullcontext()
     else:
-        ctx = _Setting(setting, "cpu")
+        ctx = applied(setting, "cpu")
     calls = []
     with torch.no_grad(), ctx:
         for fn in [denoise] * STEPS + [write]:
@@ -279,10 +281,13 @@ def main():
     ours_sides = {torch.float32: (o_den, o_wr)}
     sides = dict()
     for n in names:
-        dtype = SETTINGS[n][0] or torch.float32
+        dtype = SETTINGS[n].autocast or torch.float32
         if dtype not in ours_sides:
             ours_sides[dtype] = build_ours(args.prefix_enhance, dtype, ours)[2:4]
-        sides[f"ours: {n}"] = dict(denoise=ours_sides[dtype][0], write=ours_sides[dtype][1], setting=n)
+        denoise, write = ours_sides[dtype]
+        if SETTINGS[n].compile:  # the same call through torch.compile (compiled during the warm-up)
+            denoise = build_ours(args.prefix_enhance, dtype, ours, compiled=True)[2]
+        sides[f"ours: {n}"] = dict(denoise=denoise, write=write, setting=n)
     for setting in ("fp32", "bf16"):
         sides[f"reference: {setting}"] = dict(denoise=r_den, write=r_wr, setting=setting)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); step = {STEPS} denoising calls + 1 write, "
