@@ -469,7 +469,8 @@ def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, setti
                           peak_fraction=flops / sec / peak, gemm_floor_seconds=flops / peak)
     return dict(device=device_name(device), preset=preset, steps=steps, rounds=rounds, flops_per_step=flops,
                 gemm_peak_flops={str(k).replace("torch.", ""): v for k, v in peaks.items()},
-                cache_bytes={str(k).replace("torch.", ""): c.nbytes for k, c in caches.items()}, settings=rows)
+                cache_bytes={str(k).replace("torch.", ""): c.nbytes for k, c in caches.items()},
+                peak_mem_bytes=_peak_bytes(device), settings=rows)
 
 
 def format_step_settings(r: dict) -> str:
@@ -482,8 +483,10 @@ def format_step_settings(r: dict) -> str:
         lines.append(f"{name:<32}{s['step_seconds'] * 1e3:>10.1f}{s['flops_per_second'] / 1e9:>10.1f}"
                      f"{s['peak_fraction']:>9.1%}{s['gemm_floor_seconds'] * 1e3:>15.1f}"
                      + (f"{s['step_seconds'] / base:>11.2f}" if base else ""))
+    cache = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in r["cache_bytes"].items())
     lines.append(f"median of {r['rounds']} rounds, settings interleaved; GEMM floor = the step's FLOPs at the peak of "
-                 "the setting's matmul dtype")
+                 f"the setting's matmul dtype; KV cache: {cache}; peak memory of the process "
+                 f"{r['peak_mem_bytes'] / 2**20:.0f} MiB")
     return "\n".join(lines)
 
 

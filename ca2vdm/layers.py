@@ -258,9 +258,11 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(Linear(D, hidden), nn.GELU(approximate="tanh"), Linear(hidden, D))
         self.adaLN = nn.Sequential(nn.SiLU(), Linear(D, 9 * D))
 
-    def forward(self, x, c, cond, ctx: FrameContext, index: int):
-        # x (B, F, S, D); c (B, F, D) per-frame time (+ label / pooled text) embedding
-        s1, sc1, g1, st, sct, gt, s2, sc2, g2 = self.adaLN(c)[:, :, None].chunk(9, dim=-1)  # (B, F, 1, D)
+    def forward(self, x, c, cond, ctx: FrameContext, index: int, mod=None):
+        # x (B, F, S, D); c (B, F, D) per-frame time (+ label / pooled text) embedding; mod: adaLN(c)
+        # (B, F, 9D) when already computed (``CausalVideoDiT.modulation``)
+        mod = self.adaLN(c) if mod is None else mod
+        s1, sc1, g1, st, sct, gt, s2, sc2, g2 = mod[:, :, None].chunk(9, dim=-1)  # (B, F, 1, D)
         x = x + g1 * self.spatial(modulate(self.norm1(x), s1, sc1))
         if self.prefix is not None:
             x = x + self.prefix(self.norm_p(x), ctx, index)

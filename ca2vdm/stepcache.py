@@ -197,20 +197,22 @@ class StepCache:
             return model.forward_cached(x, t, cache, cond, x0=x0)
         cond = model.check_input(x, t, cond)
         ctx = model.cached_context(cache, x)
-        h, c = model.embed(x, t, cond)
-        h = self.run_blocks(model.blocks, h, c, cond, ctx)
-        return model.head(h, c, x, t, x0)
+        h, (c, mods) = model.tokens(x), model.modulation(t, cond)
+        h = self.run_blocks(model.blocks, h, c, cond, ctx, mods)
+        return model.head(h, c, x, t, x0, mods[-1])
 
-    def run_blocks(self, blocks, h, c, cond, ctx):
-        """The block stack of a denoising step. h (B, F, S, D) embeddings -> (B, F, S, D).
+    def run_blocks(self, blocks, h, c, cond, ctx, mods=None):
+        """The block stack of a denoising step. h (B, F, S, D) embeddings -> (B, F, S, D); ``mods``:
+        each block's adaLN output when already computed (``CausalVideoDiT.modulation``).
 
         Rows the policy marks as due run the (skippable part of the) stack and their residual is
         kept; the other rows add the residual kept on their last computed step.
         """
         B = h.shape[0]
+        mods = mods or [None] * len(blocks)
         self.count_step(B)
         if self.start:  # first-block: block 0 always runs, its residual decides
-            h0, h = h, blocks[0](h, c, cond, ctx, 0)
+            h0, h = h, blocks[0](h, c, cond, ctx, 0, mods[0])
             rows = self.rows_after_first_block(h - h0)
         else:
             rows = self.rows_to_compute()
@@ -218,11 +220,12 @@ class StepCache:
             return h + self.residual.to(h.dtype)
         part = len(rows) < B
         hr, cr = (h[rows], c[rows]) if part else (h, c)
+        mr = [None if m is None else m[rows] for m in mods] if part else mods
         ctx_r, cond_r = (ctx.rows(rows), cond.rows(rows)) if part else (ctx, cond)
         ctx_r.tap = -1 if self.tap_block is None else self.tap_block
         out = hr
         for i in range(self.start, len(blocks)):
-            out = blocks[i](out, cr, cond_r, ctx_r, i)
+            out = blocks[i](out, cr, cond_r, ctx_r, i, mr[i])
         self.keep(rows, out - hr, ctx_r.tapped)
         if not part:
             return out

@@ -83,6 +83,7 @@ class SharedCache:
     def __init__(self, model: CausalVideoDiT, batch: int, cond: Condition, cache_dtype=None):
         self.model, self.cond = model, cond
         self.cache = model.new_cache(batch, cache_dtype)
+        self._zeros = None  # the write pass's times (rows, frames), all 0
 
     def denoise(self, x, t, step_cache: StepCache | None = None, x0: bool = False):
         if step_cache is not None:
@@ -90,8 +91,10 @@ class SharedCache:
         return self.model.forward_cached(x, t, self.cache, self.cond, x0=x0)
 
     def append(self, frames):
-        t = frames.new_zeros(frames.shape[0], frames.shape[2], dtype=torch.float64)
-        self.model.forward_cached(frames, t, self.cache, self.cond, write=True)
+        shape = (frames.shape[0], frames.shape[2])
+        if self._zeros is None or self._zeros.shape != shape:  # kept: the model reuses its adaLN outputs
+            self._zeros = frames.new_zeros(shape, dtype=torch.float64)
+        self.model.forward_cached(frames, self._zeros, self.cache, self.cond, write=True)
 
     @property
     def nbytes(self):
@@ -225,6 +228,7 @@ class StreamSession:
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
         self.rows = 2 * B if self.guided else B  # batch rows of every network call
+        self._times = {}  # (time, rows, frames) -> the (rows, frames) tensor every call at that time reuses
         self.cond = self._condition()
         self.engine = ENGINES[mode](model, self.rows, self.cond, self.cache_dtype)
         if levels is not None:
@@ -369,6 +373,15 @@ class StreamSession:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         levels = [self.sampler.level(i) for i in range(len(self.sampler))]
         return next((i for i, s in enumerate(levels) if s <= strength + 1e-12), len(levels) - 1)
+
+    def times(self, t: float, rows: int, frames: int) -> torch.Tensor:
+        """The (rows, frames) network-time tensor of time t, one per distinct (t, rows, frames) for the
+        session's life: the model recognises it and reuses the adaLN outputs it computed for it
+        (``CausalVideoDiT.modulation``); made on the device, no host-to-device copy."""
+        key = (float(t), rows, frames)
+        if key not in self._times:
+            self._times[key] = torch.full((rows, frames), key[0], dtype=torch.float64, device=self.model.device)
+        return self._times[key]
 
     def _denoise(self, k: int, exit_step: int | None = None, grad: bool = False,
                  trajectory: list | None = None, source: torch.Tensor | None = None,
@@ -641,9 +654,7 @@ class _ChunkRun:
         """The network's input at step i: x (doubled for guidance) and its per-frame times (rows, l)."""
         s = self.session
         xin = torch.cat([self.x, self.x]) if s.guided else self.x
-        t = torch.full((self.rows, self.x.shape[2]), self.sampler.timesteps[i], dtype=torch.float64,
-                       device=self.x.device)
-        return xin, t
+        return xin, s.times(self.sampler.timesteps[i], self.rows, self.x.shape[2])
 
     def update(self, i: int, pred: torch.Tensor) -> None:
         """Step i's network output -> x at step i + 1 (the chunk itself after the exit step)."""

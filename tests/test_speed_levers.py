@@ -60,3 +60,53 @@ def test_autograd_reaches_the_weights_through_autocast_as_before():
         frozen(xg).float().sum().backward()  # a frozen teacher under a student's loss: the copy is reused
     assert frozen._low is not None and xg.grad is not None
     assert torch.allclose(xg.grad, frozen.weight.sum(0).to(torch.bfloat16).float().expand(3, -1), atol=1e-2)
+
+
+def _count_adaLN(model):
+    calls = []
+    for b in model.blocks:
+        b.adaLN.register_forward_hook(lambda m, i, o: calls.append(1))
+    return calls
+
+
+def test_a_stream_computes_its_adaLN_once_per_level_and_gets_the_same_video(monkeypatch):
+    from ca2vdm import StreamSession
+
+    from conftest import random_text
+
+    model = tiny_model(conditioning="text", text_dim=16, prefix_frames=0)
+    kw = dict(prompt=random_text(1, 5, 16), steps=3, guidance=2.0, seed=3)
+    calls = _count_adaLN(model)
+    session = StreamSession(model, **kw)
+    first = session.next_chunk()
+    per_chunk = len(calls)
+    assert per_chunk == 4 * model.config.depth  # 3 levels and the write pass, each once
+    video = [first] + [session.next_chunk() for _ in range(3)]
+    assert len(calls) == per_chunk  # later chunks reuse every adaLN output
+    # the same session with a fresh time tensor at every call recomputes them all: the same video
+    monkeypatch.setattr(StreamSession, "times", lambda s, t, rows, frames: torch.full((rows, frames), float(t),
+                                                                                        dtype=torch.float64))
+    calls.clear()
+    fresh = StreamSession(model, **kw)
+    again = [fresh.next_chunk() for _ in range(4)]
+    assert len(calls) == per_chunk + 3 * 3 * model.config.depth  # every denoising call computed them again
+    assert all(torch.equal(a, b) for a, b in zip(video, again))
+
+
+def test_kept_adaLN_outputs_follow_weight_changes_and_never_enter_autograd():
+    model = tiny_model(conditioning="none", prefix_frames=0)
+    cond = model.condition(1)
+    t = torch.full((1, 2), 400.0, dtype=torch.float64)
+    with torch.no_grad():
+        c1, m1 = model.modulation(t, cond)
+        c2, m2 = model.modulation(t, cond)
+        assert m2[0] is m1[0]  # kept
+        model.blocks[0].adaLN[1].bias.add_(1.0)  # an in-place weight change (an optimizer step)
+        c3, m3 = model.modulation(t, cond)
+        assert m3[0] is not m1[0] and torch.allclose(m3[0] - m1[0], torch.ones_like(m1[0]), atol=1e-12)
+        t.fill_(100.0)  # the same tensor, new values
+        assert not torch.equal(model.modulation(t, cond)[0], c3)
+    with torch.enable_grad():
+        model.train()
+        c4, m4 = model.modulation(t, cond)
+        assert m4[0].requires_grad and m4[0] is not model.modulation(t, cond)[1][0]

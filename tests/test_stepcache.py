@@ -168,8 +168,8 @@ def test_each_row_keeps_its_own_state(monkeypatch):
 
 
 def _spy(fn, sc, parts):
-    def wrapped(blocks, h, c, cond, ctx):
-        out = fn(blocks, h, c, cond, ctx)
+    def wrapped(blocks, h, c, cond, ctx, mods=None):
+        out = fn(blocks, h, c, cond, ctx, mods)
         parts.append(sc.samples and sum(1 for s in sc.samples if s.last_step == sc.step))
         return out
     return wrapped
