@@ -235,9 +235,16 @@ def _distill_report(args):
         rows[name] = take_fvd(rows[name], other, path)
     names = list(rows)
     if len(names) < 2:
-        raise ValueError("give at least two --row (a teacher and a student)")
-    report = distill_report(rows, args.teacher or names[0], args.baseline or names[min(1, len(names) - 1)],
-                            args.student or names[-1], args.repeats, args.frames)
+        raise ValueError("give at least two --row")
+    seed_pairs = {}
+    for item in args.seed_of:
+        rerun, sep, row = item.partition("=")
+        if not sep:
+            raise ValueError(f"--seed-of {item!r}: expected RERUN=ROW")
+        seed_pairs[rerun] = row
+    roles = (None, None, None) if not args.goals else (
+        args.teacher or names[0], args.baseline or names[min(1, len(names) - 1)], args.student or names[-1])
+    report = distill_report(rows, *roles, args.repeats, args.frames, seed_pairs=seed_pairs)
     print(format_distill_table(report))
     _save(report, args.json, args.plot, plot_distill)
 
@@ -534,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and sampling, measured here for all rows in one process (batch 1, loading "
                                    "excluded, rows round-robin, median of --repeats), and check the student's goals: "
                                    ">= 8x the teacher's frames/s, >= 25 frames/s, accuracy >= 0.9, FVD <= 1.5x the "
-                                   "teacher's, last-8/first-8 window FVD <= 1.15, better than the baseline.")
+                                   "teacher's, last-8/first-8 window FVD <= 1.15, better than the baseline. With --seed-of: which row "
+                                   "wins, by how much, against the spread between two seeds of a row.")
     q.add_argument("--row", action="append", default=[], metavar="NAME=EVAL.json", help="a row, in order (repeatable)")
     q.add_argument("--fvd-from", action="append", default=[], metavar="NAME=EVAL.json",
                    help="take row NAME's FVD from an earlier eval of the same videos (its per-chunk accuracy gap "
@@ -542,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--teacher", help="the teacher's row (default: the first)")
     q.add_argument("--baseline", help="the teacher at the student's step count (default: the second row)")
     q.add_argument("--student", help="the student the goals are for (default: the last row)")
+    q.add_argument("--goals", action=argparse.BooleanOptionalAction, default=True,
+                   help="check the student's goals against the teacher and baseline rows (default on; --no-goals "
+                        "for a table of students alone)")
+    q.add_argument("--seed-of", action="append", default=[], metavar="RERUN=ROW",
+                   help="row RERUN is row ROW again with another seed: report which row wins on accuracy and FVD, "
+                        "by how much, and whether that exceeds the spread between the two seeds (repeatable)")
     q.add_argument("--repeats", type=int, default=3, help="speed measurements per row (median)")
     q.add_argument("--frames", type=int, default=64, help="frames per speed measurement (default 64)")
     q.add_argument("--json", help="write the report here")

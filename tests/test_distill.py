@@ -208,6 +208,40 @@ def test_distill_report_measures_every_row_and_checks_the_goals(tmp_path):
     assert r.returncode == 1 and "is not a moving-digits" in r.stderr
 
 
+def test_compare_rows_names_the_winner_and_weighs_its_margin_against_the_seed_spread(tmp_path):
+    from ca2vdm.eval import compare_rows, distill_report, format_distill_table
+    from ca2vdm.eval.distill import _row
+
+    speed = {"frames_per_second": 5.0, "seconds_to_first_chunk": 1.0}
+    reports = {"a": _eval_report("m", 0.95, 80.0, [10] * 16), "a again": _eval_report("m", 0.93, 90.0, [10] * 16),
+               "b": _eval_report("m", 0.90, 85.0, [10] * 16), "b again": _eval_report("m", 0.89, 86.0, [10] * 16),
+               "c": _eval_report("m", 0.70, 200.0, [10] * 16)}
+    table = [_row(n, r, speed) for n, r in reports.items()]
+    c = compare_rows(table, {"a again": "a", "b again": "b"})
+    acc, fvd = c["figures"]["acc_1000"], c["figures"]["fvd"]
+    # accuracy: a beats b by 0.05, more than either row's seeds differ (0.02, 0.01)
+    assert (acc["winner"], acc["runner_up"]) == ("a", "b") and acc["margin"] == pytest.approx(0.05)
+    assert acc["seed_spread"] == pytest.approx(0.02) and acc["exceeds_seed_spread"] is True
+    # FVD (lower is better): a beats b by 5, but a's two seeds differ by 10; reruns never rank
+    assert (fvd["winner"], fvd["runner_up"]) == ("a", "b") and fvd["margin"] == pytest.approx(5.0)
+    assert fvd["seed_spread"] == pytest.approx(10.0) and fvd["exceeds_seed_spread"] is False
+    assert compare_rows(table, {})["figures"]["fvd"]["exceeds_seed_spread"] is None
+    # the report without goals (students alone) carries the comparison and prints the verdicts
+    model = class_model(dtype=torch.float32, num_classes=10, prefix_frames=0, max_context_frames=4)
+    save_checkpoint(tmp_path / "m", model)
+    rows = {n: dict(r, settings=dict(r["settings"], checkpoint=str(tmp_path / "m"), levels=[1.0, 0.5]))
+            for n, r in reports.items()}
+    report = distill_report(rows, None, None, None, repeats=1, frames=8, seed_pairs={"a again": "a"},
+                            log=lambda *a: None)
+    assert report["goals"] == {} and report["comparison"]["figures"]["fvd"]["exceeds_seed_spread"] is False
+    assert "fvd (lower is better): a wins by 5.000 over b; seed spread 10.000: does not exceed" in \
+        format_distill_table(report)
+    with pytest.raises(ValueError, match="both must be rows"):
+        distill_report(rows, None, None, None, seed_pairs={"a": "a"})
+    with pytest.raises(ValueError, match="or none"):
+        distill_report(rows, "a", None, None)
+
+
 def test_a_row_takes_its_fvd_from_an_earlier_eval_of_the_same_videos():
     from ca2vdm.eval import take_fvd
 

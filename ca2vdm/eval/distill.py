@@ -5,6 +5,8 @@ on the same held-out captions and seeds, with streaming speed measured for all r
   encoding excluded; the first two chunks are warm-up) and the time to its first chunk
 * ``distill_report`` — the rows' figures, their speeds (rows measured round-robin, median of
   ``repeats``), and the shipped student's goals against the teacher and the same-step baseline
+* ``compare_rows`` — which row wins on each figure, by how much, and whether the margin exceeds the
+  spread between two seeds of the same row
 * ``format_distill_table`` / ``plot_distill`` — a Markdown table and a PNG
 * ``take_fvd`` — a row's FVD from an earlier eval of the same videos (its per-chunk accuracies compared)
 """
@@ -84,13 +86,21 @@ def _row(name, report, speed):
     }
 
 
-def distill_report(rows: dict, teacher: str, baseline: str, student: str, repeats: int = 3, frames: int = 64,
-                   log=print) -> dict:
+def distill_report(rows: dict, teacher: str | None, baseline: str | None, student: str | None, repeats: int = 3,
+                   frames: int = 64, seed_pairs: dict | None = None, log=print) -> dict:
     """rows: {name: eval report (``evaluate_digits``'s JSON)}; ``teacher``, ``baseline`` (the teacher
-    at the student's step count) and ``student`` name the rows the goals compare."""
-    for role, name in (("teacher", teacher), ("baseline", baseline), ("student", student)):
-        if name not in rows:
+    at the student's step count) and ``student`` name the rows the goals compare (all None: no goals,
+    e.g. a comparison of students alone). ``seed_pairs`` ({rerun: row}, both rows) adds
+    ``compare_rows``' verdict as ``comparison``."""
+    roles = (("teacher", teacher), ("baseline", baseline), ("student", student))
+    if any(name is None for _, name in roles) and any(name is not None for _, name in roles):
+        raise ValueError("name all three of teacher, baseline and student, or none (no goals)")
+    for role, name in roles:
+        if name is not None and name not in rows:
             raise ValueError(f"the {role} row {name!r} is not among the rows ({', '.join(rows)})")
+    for rerun, row in (seed_pairs or {}).items():
+        if rerun not in rows or row not in rows or rerun == row:
+            raise ValueError(f"seed pair {rerun!r} -> {row!r}: both must be rows, and different ones")
     loaded = {name: _loaded(r["settings"]["checkpoint"], r["settings"]) for name, r in rows.items()}
     runs = {name: [] for name in rows}
     for i in range(repeats):  # round-robin: slow drifts of the machine hit every row alike
@@ -99,6 +109,16 @@ def distill_report(rows: dict, teacher: str, baseline: str, student: str, repeat
             log(f"  speed {name} ({i + 1}/{repeats}): {runs[name][-1]['frames_per_second']:.1f} frames/s")
     speed = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
     table = [_row(name, r, speed[name]) for name, r in rows.items()]
+    report = {"rows": table, "teacher": teacher, "baseline": baseline, "student": student,
+              "goals": {} if teacher is None else _goals(table, teacher, baseline, student),
+              "speed": {"batch": 1, "frames": frames, "repeats": repeats, "threads": torch.get_num_threads(),
+                        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    if seed_pairs:
+        report["comparison"] = compare_rows(table, seed_pairs)
+    return report
+
+
+def _goals(table, teacher, baseline, student) -> dict:
     by = {r["name"]: r for r in table}
     t, b, s = by[teacher], by[baseline], by[student]
     ratio = lambda a, c: None if a is None or not c else a / c  # noqa: E731
@@ -117,9 +137,35 @@ def distill_report(rows: dict, teacher: str, baseline: str, student: str, repeat
               "fvd_over_baseline": lambda v: v < 1}
     for key, g in goals.items():
         g["met"] = None if g["value"] is None else bool(checks[key](g["value"]))
-    return {"rows": table, "teacher": teacher, "baseline": baseline, "student": student, "goals": goals,
-            "speed": {"batch": 1, "frames": frames, "repeats": repeats, "threads": torch.get_num_threads(),
-                      "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}}
+    return goals
+
+
+COMPARED = {"acc_1000": "higher", "acc_128": "higher", "fvd": "lower"}  # figure -> which way is better
+
+
+def compare_rows(table: list, seed_pairs: dict) -> dict:
+    """For each figure of ``COMPARED``: the best row and the runner-up among the rows that are not
+    reruns, the margin between them, and whether it exceeds the seed spread: the larger
+    |difference| between a row and its rerun (``seed_pairs``: {rerun: row}) over the winner and the
+    runner-up (None when neither was rerun)."""
+    by = {r["name"]: r for r in table}
+    spread = {}
+    for rerun, row in seed_pairs.items():
+        spread[row] = {k: None if by[row][k] is None or by[rerun][k] is None else abs(by[rerun][k] - by[row][k])
+                       for k in COMPARED}
+    out = {"seed_pairs": dict(seed_pairs), "seed_spread": spread, "figures": {}}
+    for key, better in COMPARED.items():
+        ranked = sorted((r for r in table if r["name"] not in seed_pairs and r[key] is not None),
+                        key=lambda r: r[key], reverse=better == "higher")
+        if len(ranked) < 2:
+            continue
+        win, up = ranked[0], ranked[1]
+        spreads = [spread[n][key] for n in (win["name"], up["name"]) if n in spread and spread[n][key] is not None]
+        margin = abs(win[key] - up[key])
+        out["figures"][key] = {"better": better, "winner": win["name"], "runner_up": up["name"], "margin": margin,
+                               "seed_spread": max(spreads) if spreads else None,
+                               "exceeds_seed_spread": bool(margin > max(spreads)) if spreads else None}
+    return out
 
 
 def _f(v, fmt):
@@ -143,6 +189,10 @@ def format_distill_table(report: dict) -> str:
     for key, g in report["goals"].items():
         mark = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
         lines.append(f"- {key}: {_f(g['value'], '.3f')} (goal {g['goal']}): {mark}")
+    for key, c in report.get("comparison", {}).get("figures", {}).items():
+        verdict = {True: "exceeds", False: "does not exceed", None: "no rerun to compare with"}[c["exceeds_seed_spread"]]
+        lines.append(f"- {key} ({c['better']} is better): {c['winner']} wins by {c['margin']:.3f} over "
+                     f"{c['runner_up']}; seed spread {_f(c['seed_spread'], '.3f')}: {verdict}")
     return "\n".join(lines)
 
 
