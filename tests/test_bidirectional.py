@@ -133,6 +133,7 @@ def test_the_comparison_configs_differ_only_in_teacher_and_rollout():
     then needs), the rollout and the run folder; every DMD row has the same CPU-minute budget."""
     from pathlib import Path
 
+    from ca2vdm.checkpoint import read_config
     from ca2vdm.distill import load_distill_config
 
     folder = Path(__file__).resolve().parents[1] / "configs" / "asymmetric"
@@ -146,6 +147,10 @@ def test_the_comparison_configs_differ_only_in_teacher_and_rollout():
         for f in ("steps", "teacher_steps", "teacher_guidance", "seed", "ode_pairs", "ode_init"):
             assert getattr(cfg, f) == getattr(base, f), (name, f)
         assert {k: v for k, v in vars(cfg.dmd.dmd).items()} == vars(base.dmd.dmd)
+        # the teachers are shipped in git: a fresh clone runs every row as it is
+        root = Path(__file__).resolve().parents[1]
+        teacher = read_config(root / cfg.teacher)["model"]
+        assert teacher.get("temporal", "causal") == ("bidirectional" if name.startswith("bidir") else "causal"), name
 
 
 def test_the_digits_eval_samples_a_bidirectional_model_by_whole_clips(tmp_path):
