@@ -204,7 +204,8 @@ class CausalVideoDiT(nn.Module):
         computed from it: each block's (B, F, 9D), then the final layer's (B, F, 2D).
 
         Without autograd it is kept in ``cond.modulation`` and reused when the same time tensor (the
-        same object, unchanged) comes again under the same autocast and unchanged weights: a stream's
+        same object, unchanged) comes again under the same autocast and unchanged weights (an inference
+        tensor, which has no version counter, is never kept): a stream's
         levels repeat in every chunk and its write pass is always t = 0, so after the first chunk no
         call computes them (``StreamSession`` keeps one time tensor per step)."""
         def compute():
@@ -213,12 +214,12 @@ class CausalVideoDiT(nn.Module):
                 c = c + cond.vector[:, None]
             return c, [b.adaLN(c) for b in self.blocks] + [self.final_adaLN(c)]
 
-        if torch.is_grad_enabled() or self.training:
-            return compute()
+        weights = self._modulation_weights()
+        if torch.is_grad_enabled() or self.training or any(x.is_inference() for x in (t, *weights)):
+            return compute()  # (an inference tensor has no version counter: a change to it could not be seen)
         dev = t.device.type
         amp = torch.get_autocast_dtype(dev) if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) else None
-        weights = [p._version for p in self._modulation_weights()]
-        key = (id(self), id(t), t._version, amp, Linear.keep_low_precision, *weights)
+        key = (id(self), id(t), t._version, amp, Linear.keep_low_precision, *(p._version for p in weights))
         hit = cond.modulation.get(id(t))
         if hit is None or hit[0] != key:
             if len(cond.modulation) >= 64:  # time tensors of finished sessions: let them go

@@ -93,7 +93,8 @@ class SharedCache:
     def append(self, frames):
         shape = (frames.shape[0], frames.shape[2])
         if self._zeros is None or self._zeros.shape != shape:  # kept: the model reuses its adaLN outputs
-            self._zeros = frames.new_zeros(shape, dtype=torch.float64)
+            with torch.inference_mode(False):  # an ordinary tensor even under inference_mode: it has a version
+                self._zeros = frames.new_zeros(shape, dtype=torch.float64)
         self.model.forward_cached(frames, self._zeros, self.cache, self.cond, write=True)
 
     @property
@@ -380,7 +381,8 @@ class StreamSession:
         (``CausalVideoDiT.modulation``); made on the device, no host-to-device copy."""
         key = (float(t), rows, frames)
         if key not in self._times:
-            self._times[key] = torch.full((rows, frames), key[0], dtype=torch.float64, device=self.model.device)
+            with torch.inference_mode(False):  # as in ``append``: the model keeps only versioned tensors
+                self._times[key] = torch.full((rows, frames), key[0], dtype=torch.float64, device=self.model.device)
         return self._times[key]
 
     def _denoise(self, k: int, exit_step: int | None = None, grad: bool = False,

@@ -93,6 +93,31 @@ def test_a_stream_computes_its_adaLN_once_per_level_and_gets_the_same_video(monk
     assert all(torch.equal(a, b) for a, b in zip(video, again))
 
 
+def test_under_inference_mode_a_stream_keeps_its_adaLN_reuse_and_its_video():
+    """The server runs sessions under ``torch.inference_mode``, where new tensors have no version
+    counter: the session's own time tensors stay ordinary ones (reused), a caller's inference tensor
+    is computed afresh every time, and the video is the one made under no_grad."""
+    from ca2vdm import StreamSession
+
+    from conftest import random_text
+
+    model = tiny_model(conditioning="text", text_dim=16, prefix_frames=0)
+    kw = dict(prompt=random_text(1, 5, 16), steps=3, guidance=2.0, seed=3)
+    video = [c for s in [StreamSession(model, **kw)] for c in (s.next_chunk(), s.next_chunk(), s.next_chunk())]
+    calls = _count_adaLN(model)
+    with torch.inference_mode():
+        session = StreamSession(model, **kw)
+        again = [session.next_chunk() for _ in range(3)]
+        assert len(calls) == 4 * model.config.depth  # the first chunk's 3 levels and write pass, then reused
+        cond, t = model.condition(1), torch.full((1, 2), 400.0, dtype=torch.float64)
+        assert t.is_inference()
+        calls.clear()
+        first = model.modulation(t, cond)[1][0].clone()
+        t.fill_(100.0)  # no version counter would show this change: such a tensor is never kept
+        assert not torch.equal(model.modulation(t, cond)[1][0], first) and len(calls) == 2 * model.config.depth
+    assert all(torch.equal(a, b) for a, b in zip(video, again))
+
+
 def test_kept_adaLN_outputs_follow_weight_changes_and_never_enter_autograd():
     model = tiny_model(conditioning="none", prefix_frames=0)
     cond = model.condition(1)
