@@ -197,14 +197,17 @@ def format_distill_table(report: dict) -> str:
 
 
 def plot_distill(report: dict, path) -> None:
-    """Three panels: frames/s per row, accuracy per row, FVD per 16-frame window over the video."""
+    """Three panels: frames/s per row and accuracy per row side by side, FVD per 16-frame window over
+    the video below them (full width, its legend at the right)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["rows"]
     names = [r["name"] for r in rows]
-    fig, (ax, bx, cx) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig = plt.figure(figsize=(15, 2.2 + 0.35 * len(rows) + 3.6))
+    grid = fig.add_gridspec(2, 2, height_ratios=[0.6 + 0.35 * len(rows), 3.6])
+    ax, bx, cx = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
     ax.barh(names, [r["frames_per_second"] for r in rows], color="tab:blue")
     ax.axvline(25, color="k", ls="--", lw=0.8, label="real time (25 frames/s)")
     ax.set_xlabel("frames/s, batch 1 (CPU)")
@@ -220,7 +223,7 @@ def plot_distill(report: dict, path) -> None:
             cx.plot([16 * i + 8 for i in range(len(r["fvd_per_window"]))], r["fvd_per_window"], label=r["name"], lw=1)
     cx.set_xlabel("frame")
     cx.set_ylabel("FVD per 16-frame window")
-    cx.legend(fontsize=7)
+    cx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
