@@ -372,6 +372,8 @@ def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
         say(f"training {n_params / 1e6:.2f}M parameters on {device}{procs}, clips of {frames} frames, "
             f"{len(train_set)} train / {len(val_set) if val_set else 0} val clips, output in {out_dir}")
         trainer.run(say)
+        if world > 1:
+            dist.barrier()  # every rank done (rank 0 has written) before any rank tears the group down
     finally:
         if world > 1:
             dist.destroy_process_group()
