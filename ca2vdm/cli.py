@@ -208,6 +208,14 @@ def _eval(args):
     _print_fvd(report)
 
 
+def _pair(item: str, flag: str, form: str) -> tuple[str, str]:
+    """'A=B' -> (A, B); anything else is a one-line error naming the flag and the form it takes."""
+    a, sep, b = item.partition("=")
+    if not sep or not a or not b:
+        raise ValueError(f"{flag} {item!r}: expected {form}")
+    return a, b
+
+
 def _distill_report(args):
     import json
 
@@ -215,9 +223,7 @@ def _distill_report(args):
 
     rows = {}
     for item in args.row:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--row {item!r}: expected NAME=EVAL.json")
+        name, path = _pair(item, "--row", "NAME=EVAL.json")
         try:
             rows[name] = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -225,9 +231,10 @@ def _distill_report(args):
         if "overall" not in rows[name] or "settings" not in rows[name]:
             raise ValueError(f"--row {name}: {path} is not a moving-digits `ca2vdm eval` report")
     for item in args.fvd_from:
-        name, sep, path = item.partition("=")
-        if name not in rows or not sep:
-            raise ValueError(f"--fvd-from {item!r}: expected NAME=EVAL.json with NAME one of the rows")
+        form = "NAME=EVAL.json with NAME one of the rows"
+        name, path = _pair(item, "--fvd-from", form)
+        if name not in rows:
+            raise ValueError(f"--fvd-from {item!r}: expected {form}")
         try:
             other = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -236,12 +243,7 @@ def _distill_report(args):
     names = list(rows)
     if len(names) < 2:
         raise ValueError("give at least two --row")
-    seed_pairs = {}
-    for item in args.seed_of:
-        rerun, sep, row = item.partition("=")
-        if not sep:
-            raise ValueError(f"--seed-of {item!r}: expected RERUN=ROW")
-        seed_pairs[rerun] = row
+    seed_pairs = dict(_pair(item, "--seed-of", "RERUN=ROW") for item in args.seed_of)
     roles = (None, None, None) if not args.goals else (
         args.teacher or names[0], args.baseline or names[min(1, len(names) - 1)], args.student or names[-1])
     report = distill_report(rows, *roles, args.repeats, args.frames, seed_pairs=seed_pairs)

@@ -94,11 +94,21 @@ class FrameContext:
         return replace(self, cache=self.cache.rows(rows), tapped=None)
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
+def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The lower-precision dtype of the autocast region we are in on ``device_type``, or None."""
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
+
+
+def versions(tensors) -> tuple | None:
+    """The version counters of ``tensors`` (None entries skipped), which every in-place change bumps:
+    the key of a result kept while they are unchanged. None where one is an inference tensor, which
+    has no counter, so a change to it could not be seen and nothing may be kept."""
+    tensors = [x for x in tensors if x is not None]
+    if any(x.is_inference() for x in tensors):
+        return None
+    return tuple(x._version for x in tensors)
 
 
 class Linear(nn.Linear):
@@ -118,14 +128,15 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         w = self.weight
-        dtype = _autocast_dtype(w.device.type)
+        dtype = autocast_dtype(w.device.type)
         if (not self.keep_low_precision or dtype is None or w.dtype == dtype or not w.is_floating_point()
                 or (torch.is_grad_enabled() and w.requires_grad) or torch.compiler.is_compiling()):
             return super().forward(x)
         b = self.bias
-        if w.is_inference() or (b is not None and b.is_inference()):  # no version counter: cannot tell a change
+        seen = versions((w, b))
+        if seen is None:  # an inference-mode weight: no copy may be kept
             return super().forward(x)
-        key = (w.data_ptr(), w._version, None if b is None else b._version, dtype)
+        key = (w.data_ptr(), seen, dtype)
         if self._low is None or self._low[0] != key:
             with torch.inference_mode(False), torch.no_grad():
                 self._low = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))

@@ -31,7 +31,7 @@ from .cache import CacheBatch, KVCache
 from .conditioning import Condition, Text
 from .config import ModelConfig
 from .diffusion import make_diffusion
-from .layers import Block, FrameContext, Linear, TimestepEmbedder, modulate
+from .layers import Block, FrameContext, Linear, TimestepEmbedder, autocast_dtype, modulate, versions
 from .positions import CyclicTPE, RoPE, sincos_2d
 
 
@@ -214,12 +214,12 @@ class CausalVideoDiT(nn.Module):
                 c = c + cond.vector[:, None]
             return c, [b.adaLN(c) for b in self.blocks] + [self.final_adaLN(c)]
 
-        weights = self._modulation_weights()
-        if torch.is_grad_enabled() or self.training or any(x.is_inference() for x in (t, *weights)):
-            return compute()  # (an inference tensor has no version counter: a change to it could not be seen)
-        dev = t.device.type
-        amp = torch.get_autocast_dtype(dev) if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) else None
-        key = (id(self), id(t), t._version, amp, Linear.keep_low_precision, *(p._version for p in weights))
+        if torch.is_grad_enabled() or self.training:
+            return compute()
+        seen = versions((t, *self._modulation_weights()))
+        if seen is None:  # an inference tensor: nothing may be kept
+            return compute()
+        key = (id(self), id(t), seen, autocast_dtype(t.device.type), Linear.keep_low_precision)
         hit = cond.modulation.get(id(t))
         if hit is None or hit[0] != key:
             if len(cond.modulation) >= 64:  # time tensors of finished sessions: let them go
