@@ -281,3 +281,47 @@ def test_a_draft_chunk_leaves_the_stream_as_it_was():
     draft = a.draft_chunk()
     assert torch.equal(draft, a.next_chunk()) and torch.equal(draft, b.next_chunk())
     assert a.chunk == b.chunk and torch.equal(a.kept, b.kept)
+
+
+SHIPPED = """
+import sys, torch
+torch.set_num_threads(1)
+from ca2vdm import StreamSession, Text
+from ca2vdm.assets import asset_path
+from ca2vdm.checkpoint import load_checkpoint
+from ca2vdm.text import get_text_encoder
+from safetensors.torch import save_file
+model = load_checkpoint(asset_path({name!r}))
+s = StreamSession.load({path!r}, model)
+s.set_prompt(Text(*get_text_encoder("cpu").encode(["a 7 moving up"])))
+save_file({{"chunks": torch.cat([s.next_chunk() for _ in range(2)], dim=2)}}, {out!r})
+"""
+
+
+@pytest.mark.parametrize("name,guidance", [("digits-fast", 1.0), ("digits", 4.0)])
+def test_a_shipped_model_with_its_text_encoder_saves_loads_switches_and_continues(tmp_path, name, guidance):
+    """The stream a user starts: a shipped model, a prompt from the shipped text encoder (unguided,
+    its condition's mask is a view of the prompt's: they alias in memory), two chunks, saved, loaded
+    in a new process, the prompt switched (a re-cache from the restored kept frames), two chunks:
+    bit-identical to the same stream never saved. Breaks tried: not restoring ``kept`` /
+    ``kept_start`` in ``load`` (the re-cache starts from nothing or the wrong frame), and saving
+    aliased tensors as they are (safetensors refuses them)."""
+    from ca2vdm import Text
+    from ca2vdm.assets import asset_path
+    from ca2vdm.checkpoint import load_checkpoint, sampling_for
+    from ca2vdm.text import get_text_encoder
+
+    model, enc = load_checkpoint(asset_path(name)), get_text_encoder("cpu")
+    sampling = sampling_for(asset_path(name), guidance=guidance)
+    s = StreamSession(model, prompt=Text(*enc.encode(["a 4 moving right"])), seed=1, **sampling)
+    for _ in range(3):  # 12 frames: the kept window (P_max = 8) starts at frame 4
+        s.next_chunk()
+    assert s.kept_start == 4
+    path = s.save(tmp_path / "stream.safetensors")
+    s.set_prompt(Text(*enc.encode(["a 7 moving up"])))
+    expected = torch.cat([s.next_chunk() for _ in range(2)], dim=2)
+    out = tmp_path / "continued.safetensors"
+    code = SHIPPED.format(name=name, path=str(path), out=str(out))
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, timeout=600)
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(str(out))["chunks"], expected)
