@@ -335,18 +335,43 @@ SETTINGS = {
 }
 
 
-def gemm_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 5, device: str = "cpu") -> float:
-    """FLOP/s of the best of ``repeat`` (n x n) @ (n x n) matmuls in ``dtype``: this machine's GEMM peak."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeat + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+def native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively, as PyTorch will dispatch them: the kernel
+    capability PyTorch chose (``torch.backends.cpu.get_cpu_capability()``, which
+    ``ATEN_CPU_CAPABILITY`` can lower) is AVX-512 and the processor has AVX-512 BF16 or AMX tiles.
+    Elsewhere (AVX2 machines, most AMD EPYCs before Zen 4) bf16 is emulated and slower than float32."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(p is not None and p() for p in probes)
+
+
+def cpu_settings(native: bool | None = None) -> list[str]:
+    """The names of ``SETTINGS`` worth timing on this CPU: all of them with native bf16, else the
+    float32 ones (bf16 would only measure its emulation)."""
+    native = native_bf16() if native is None else native
+    return [n for n, s in SETTINGS.items() if native or s.autocast is None]
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 2048, repeat: int = 5, device: str = "cpu",
+              enough_seconds: float = 0.02) -> float:
+    """FLOP/s of the best of ``repeat`` square matmuls in ``dtype``: this machine's GEMM peak. The
+    size doubles from 256 up to ``n`` until one product takes ``enough_seconds`` (a slow, emulated
+    dtype is measured small instead of for minutes)."""
+    size = min(256, n)
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        best = float("inf")
+        for _ in range(repeat + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        if best >= enough_seconds or size >= n:
+            return 2 * size ** 3 / best
+        size *= 2
 
 
 class applied:
@@ -391,10 +416,16 @@ def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, setti
     setting's matmul dtype, and the GEMM-only floor (the step's FLOPs at that peak)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    names = list(settings or SETTINGS)
+    native = native_bf16() if device == "cpu" else True
+    names = list(settings or cpu_settings(native))
     bad = [n for n in names if n not in SETTINGS]
     if bad:
         raise ValueError(f"unknown setting(s) {bad}; choose from {list(SETTINGS)}")
+    if not native:
+        skipped = [n for n in SETTINGS if n not in names]
+        log(f"  this CPU has no native bf16 (PyTorch capability {torch.backends.cpu.get_cpu_capability()}): "
+            + (f"skipped {', '.join(skipped)}; --setting NAME times one anyway (emulated)" if skipped
+               else "the bf16 settings measure its emulation"))
     torch.manual_seed(0)
     model = CausalVideoDiT(preset_config(preset)).to(device).eval().requires_grad_(False)
     with torch.no_grad():  # every weight random (adaLN-Zero would make the output 0 and the checks below empty)
@@ -434,9 +465,9 @@ def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, setti
     with FlopCounterMode(display=False) as counter:
         one_step("float32")
     flops = counter.get_total_flops()
-    peaks = {torch.float32: gemm_peak(torch.float32, device=device), torch.bfloat16: gemm_peak(torch.bfloat16, device=device)}
-    log(f"  GEMM peak: float32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s; "
-        f"{flops / 1e9:.1f} GFLOP per step")
+    peaks = {dtype: gemm_peak(dtype, device=device) for dtype in caches}
+    log("  GEMM peak: " + ", ".join(f"{str(d).replace('torch.', '')} {p / 1e9:.0f} GFLOP/s" for d, p in peaks.items())
+        + f"; {flops / 1e9:.1f} GFLOP per step")
     times = {n: [] for n in names}
     for name in names:  # warm-up: allocator, kernels, the low-precision weights, compiling
         t0 = time.perf_counter()
@@ -467,7 +498,9 @@ def step_settings(preset: str = "small", steps: int = 10, rounds: int = 5, setti
         rows[name] = dict(step_seconds=sec, all_seconds=times[name], flops_per_second=flops / sec,
                           first_step_seconds=compile_seconds[name],
                           peak_fraction=flops / sec / peak, gemm_floor_seconds=flops / peak)
-    return dict(device=device_name(device), preset=preset, steps=steps, rounds=rounds, flops_per_step=flops,
+    best = min(rows, key=lambda n: rows[n]["step_seconds"])
+    return dict(device=device_name(device), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                native_bf16=native, best=best, preset=preset, steps=steps, rounds=rounds, flops_per_step=flops,
                 gemm_peak_flops={str(k).replace("torch.", ""): v for k, v in peaks.items()},
                 cache_bytes={str(k).replace("torch.", ""): c.nbytes for k, c in caches.items()},
                 peak_mem_bytes=_peak_bytes(device), settings=rows)
@@ -484,6 +517,8 @@ def format_step_settings(r: dict) -> str:
                      f"{s['peak_fraction']:>9.1%}{s['gemm_floor_seconds'] * 1e3:>15.1f}"
                      + (f"{s['step_seconds'] / base:>11.2f}" if base else ""))
     cache = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in r["cache_bytes"].items())
+    lines.append(f"fastest on this CPU ({r['cpu_capability']}, {'native' if r['native_bf16'] else 'no native'} bf16): "
+                 f"{r['best']}")
     lines.append(f"median of {r['rounds']} rounds, settings interleaved; GEMM floor = the step's FLOPs at the peak of "
                  f"the setting's matmul dtype; KV cache: {cache}; peak memory of the process "
                  f"{r['peak_mem_bytes'] / 2**20:.0f} MiB")
@@ -558,7 +593,22 @@ def device_name(device: str) -> str:
     """The device a figure was measured on, in words (CPU threads included)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    extras = "".join(f", {name}" for name, probe in (("AVX-512 BF16", "_is_avx512_bf16_supported"),
+                                                      ("AMX", "_is_amx_tile_supported"))
+                     if getattr(torch.cpu, probe, lambda: False)())
+    return (f"CPU ({cpu_model()}; PyTorch kernels {torch.backends.cpu.get_cpu_capability()}{extras}; "
+            f"{torch.get_num_threads()} threads)")
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else what ``platform`` knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def plot_benchmark(result: dict, path: str) -> None:
