@@ -309,7 +309,8 @@ class CacheBatch:
         key = (q, tuple(c.window_len for c in self.caches))
         if key not in self._masks:
             dev = self.caches[0].k[0].device
-            n = torch.tensor([c.window_len for c in self.caches for _ in range(c.batch)], device=dev)[:, None, None]
+            # per-row window lengths made on the device (a fill, not a host-to-device copy of a list)
+            n = torch.cat([torch.full((c.batch,), c.window_len, device=dev) for c in self.caches])[:, None, None]
             j = torch.arange(self.capacity + q, device=dev)[None, None, :]
             i = torch.arange(q, device=dev)[None, :, None]
             mask = (j < n) | ((j >= n) & (j <= n + i))  # (rows, q, L)

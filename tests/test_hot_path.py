@@ -15,11 +15,31 @@ from conftest import tiny_model
 
 
 class HostToDevice(TorchDispatchMode):
-    """Records the ops whose inputs include a CPU tensor and whose outputs are on the device."""
+    """Records the ops whose inputs include a CPU tensor and whose outputs are on the device, and
+    every ``torch.tensor`` / ``torch.as_tensor`` of Python data made on the device: that copy happens
+    below the dispatcher, so those two functions are watched themselves while the mode is on."""
 
     def __init__(self):
         super().__init__()
         self.ops = []
+
+    def __enter__(self):
+        self.saved = torch.tensor, torch.as_tensor
+        for name, fn in zip(("tensor", "as_tensor"), self.saved):
+            setattr(torch, name, self._watched(name, fn))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.tensor, torch.as_tensor = self.saved
+        return super().__exit__(*exc)
+
+    def _watched(self, name, fn):
+        def made(data, *args, **kwargs):
+            out = fn(data, *args, **kwargs)
+            if not isinstance(data, torch.Tensor) and out.device.type != "cpu":
+                self.ops.append(f"torch.{name}(python data, device={out.device.type})")
+            return out
+        return made
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -64,5 +84,38 @@ def test_the_watch_sees_a_copy_and_meta_refuses_a_sync():
     with HostToDevice() as watch:
         table.index_select(0, torch.tensor([1, 2]).to("meta"))
     assert watch.ops
+    with HostToDevice() as watch:
+        torch.tensor([1, 2], device="meta")
+    assert watch.ops
     with pytest.raises(RuntimeError, match="meta"):
         table.sum().item()
+
+
+def test_batched_streams_at_different_frames_stay_on_the_device():
+    """``next_chunks``' forward: a ``CacheBatch`` of two streams whose windows differ (one full, one
+    filling), per-row positions and the key-padding mask, on ``meta``. Break tried: the mask's
+    window lengths built with ``torch.tensor(list, device=...)`` (a host-to-device copy per chunk)."""
+    from ca2vdm.cache import CacheBatch
+
+    model = tiny_model(positions="rope", conditioning="text", text_dim=16, prediction="sample").to("meta")
+    caches = [model.new_cache(2), model.new_cache(2)]
+    states = meta(4, 5, 16)
+    cond = Condition(kv=[b.cross.text_kv(states) for b in model.blocks],
+                     mask=torch.ones(4, 1, 1, 5, dtype=torch.bool, device="meta"), batch=4)
+    with torch.no_grad():
+        for cache, chunks in zip(caches, (3, 1)):  # the first stream is 4 frames ahead
+            model.forward_cached(meta(2, 3, 1, 8, 8), torch.zeros(2, 1, dtype=torch.float64, device="meta"), cache,
+                                 cond.rows([0, 1]), write=True)
+            for _ in range(chunks):
+                model.forward_cached(meta(2, 3, 2, 8, 8), torch.zeros(2, 2, dtype=torch.float64, device="meta"),
+                                     cache, cond.rows([0, 1]), write=True)
+        for _ in range(3):
+            batch = CacheBatch(caches)  # made anew for every chunk, as next_chunks does
+            with HostToDevice() as watch:
+                t = torch.full((4, 2), 500.0, dtype=torch.float64, device="meta")
+                out = model.forward_cached(meta(4, 3, 2, 8, 8), t, batch, cond, x0=True)
+                model.forward_cached(meta(4, 3, 2, 8, 8), torch.zeros(4, 2, dtype=torch.float64, device="meta"),
+                                     batch, cond, write=True)
+            assert watch.ops == [], f"host-to-device copies in the batched hot path: {watch.ops}"
+            assert out.shape == (4, 3, 2, 8, 8)
+    assert [c.frames_written for c in caches] == [13, 9]
