@@ -6,7 +6,7 @@ and the batch operations on them (stacking, row selection) that generation and s
 ``classifier_free_guidance`` combines the two halves of a guided prediction.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,6 @@ class Condition:
     mask: torch.Tensor | None = None  # (B, 1, 1, N) bool
     vector: torch.Tensor | None = None  # (B, D)
     batch: int = 0
-    modulation: dict = field(default_factory=dict, repr=False)  # adaLN outputs kept by CausalVideoDiT.modulation
 
     def rows(self, rows: list[int]) -> "Condition":
         """The conditioning of some batch rows."""

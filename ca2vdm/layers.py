@@ -14,6 +14,7 @@ temporal mask of a full-sequence forward, or the KV cache of a cached forward.
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -117,14 +118,18 @@ class Linear(nn.Linear):
     Autocast casts a weight to bf16/fp16 on every call unless autograd needs the cast (it caches
     only leaves that require grad, and only within one autocast region), so an inference forward
     spends as much time copying weights as multiplying with them. Here the cast copy is kept and
-    reused while the weight is unchanged (same storage, same version counter: an optimizer step or
-    ``load_state_dict`` makes a fresh one). The result is bitwise what autocast computes. When
-    autograd must reach the weight (grad enabled and ``requires_grad``) autocast's own path runs,
-    and under ``torch.compile`` too (a frozen graph folds the cast into a constant itself).
+    reused while the weight is unchanged: the same Parameter object, storage and version counter (an
+    optimizer step, ``load_state_dict`` and ``load_state_dict(..., assign=True)`` all make a fresh
+    one). The result is bitwise what autocast computes. When autograd must reach the weight (grad
+    enabled and ``requires_grad``) autocast's own path runs, and under ``torch.compile`` too (a
+    frozen graph folds the cast into a constant itself).
+
+    Not seen: a change through ``weight.data`` (``p.data.copy_(...)``, ``p.data += ...``), which
+    bypasses the version counter by design. After such an edit call ``drop_low_precision(model)``.
     """
 
     keep_low_precision = True  # False: autocast's cast on every call (what ``bench --settings`` compares)
-    _low = None  # (key, weight, bias) in the autocast dtype; not a buffer, never saved
+    _low = None  # (weakref to the weight, key, weight, bias) in the autocast dtype; not a buffer, never saved
 
     def forward(self, x):
         w = self.weight
@@ -137,10 +142,18 @@ class Linear(nn.Linear):
         if seen is None:  # an inference-mode weight: no copy may be kept
             return super().forward(x)
         key = (w.data_ptr(), seen, dtype)
-        if self._low is None or self._low[0] != key:
+        if self._low is None or self._low[0]() is not w or self._low[1] != key:
             with torch.inference_mode(False), torch.no_grad():
-                self._low = (key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
-        return F.linear(x.to(dtype), self._low[1], self._low[2])
+                self._low = (weakref.ref(w), key, w.detach().to(dtype), None if b is None else b.detach().to(dtype))
+        return F.linear(x.to(dtype), self._low[2], self._low[3])
+
+
+def drop_low_precision(module: nn.Module) -> None:
+    """Drop every low-precision weight copy ``Linear`` keeps in ``module``: needed after a change
+    through ``p.data``, which no version counter records; the next call under autocast casts afresh."""
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m._low = None
 
 
 def modulate(x, shift, scale):

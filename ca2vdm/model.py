@@ -31,7 +31,7 @@ from .cache import CacheBatch, KVCache
 from .conditioning import Condition, Text
 from .config import ModelConfig
 from .diffusion import make_diffusion
-from .layers import Block, FrameContext, Linear, TimestepEmbedder, autocast_dtype, modulate, versions
+from .layers import Block, FrameContext, Linear, TimestepEmbedder, modulate
 from .positions import CyclicTPE, RoPE, sincos_2d
 
 
@@ -203,40 +203,19 @@ class CausalVideoDiT(nn.Module):
         """The per-frame embedding c (B, F, D) of times t (B, F) under ``cond`` and every adaLN output
         computed from it: each block's (B, F, 9D), then the final layer's (B, F, 2D).
 
-        Without autograd it is kept in ``cond.modulation`` and reused when the same time tensor (the
-        same object, unchanged) comes again under the same autocast and unchanged weights (an inference
-        tensor, which has no version counter, is never kept): a stream's
-        levels repeat in every chunk and its write pass is always t = 0, so after the first chunk no
-        call computes them (``StreamSession`` keeps one time tensor per step)."""
-        def compute():
-            c = self.time_embed(t)
-            if cond.vector is not None:
-                c = c + cond.vector[:, None]
-            return c, [b.adaLN(c) for b in self.blocks] + [self.final_adaLN(c)]
+        The model keeps nothing: a caller that calls the network many times at the same levels (a
+        stream: its levels repeat in every chunk, its write pass is always t = 0) computes these once
+        and hands them to ``forward_cached(..., modulation=...)`` (``StreamSession`` does)."""
+        c = self.time_embed(t)
+        if cond.vector is not None:
+            c = c + cond.vector[:, None]
+        return c, [b.adaLN(c) for b in self.blocks] + [self.final_adaLN(c)]
 
-        if torch.is_grad_enabled() or self.training:
-            return compute()
-        seen = versions((t, *self._modulation_weights()))
-        if seen is None:  # an inference tensor: nothing may be kept
-            return compute()
-        key = (id(self), id(t), seen, autocast_dtype(t.device.type), Linear.keep_low_precision)
-        hit = cond.modulation.get(id(t))
-        if hit is None or hit[0] != key:
-            if len(cond.modulation) >= 64:  # time tensors of finished sessions: let them go
-                cond.modulation.clear()
-            hit = cond.modulation[id(t)] = (key, t, compute())  # t is held so that its id stays its own
-        return hit[2]
-
-    def _modulation_weights(self):
-        if not hasattr(self, "_mod_weights"):
-            mods = [self.time_embed.mlp, *[b.adaLN for b in self.blocks], self.final_adaLN]
-            self._mod_weights = [p for m in mods for p in m.parameters()]
-        return self._mod_weights
-
-    def _run(self, x, t, cond, ctx, return_hidden, skip_output=False, x0=False):
-        """embed -> every block -> head; the hidden state after each block with ``return_hidden``."""
+    def _run(self, x, t, cond, ctx, return_hidden, skip_output=False, x0=False, modulation=None):
+        """embed -> every block -> head; the hidden state after each block with ``return_hidden``;
+        ``modulation``: ``self.modulation(t, cond)`` when the caller already has it."""
         h = self.tokens(x)
-        c, mods = self.modulation(t, cond)
+        c, mods = self.modulation(t, cond) if modulation is None else modulation
         hidden = []
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled() and ctx.cache is None:
@@ -365,18 +344,20 @@ class CausalVideoDiT(nn.Module):
         return tpe, rope
 
     def forward_cached(self, x, t, cache: KVCache, cond: Condition | None = None, write: bool = False,
-                       return_hidden: bool = False, x0: bool = False):
+                       return_hidden: bool = False, x0: bool = False, modulation: tuple | None = None):
         """One chunk against the KV cache; the chunk's frames are the next ones after the cache.
 
         ``write=False``: a denoising step — the chunk attends to the cached window and to itself.
         ``write=True``: the clean write pass (t = 0) — the same attention, then the chunk's K/V are
         pushed into the cache (oldest frames evicted) and the frame counter advances; the network
         output is not needed and not computed. Returns the prediction (None when writing).
+        ``modulation``: ``self.modulation(t, cond)``, computed by the caller for these very t and cond
+        (a stream reuses it at every chunk); None computes it.
         """
         cond = self.check_input(x, t, cond)
         ctx = self.cached_context(cache, x)
         ctx.write = write
-        result = self._run(x, t, cond, ctx, return_hidden, skip_output=write, x0=x0)
+        result = self._run(x, t, cond, ctx, return_hidden, skip_output=write, x0=x0, modulation=modulation)
         if write:
             cache.advance(x.shape[2])
         return result

@@ -189,15 +189,16 @@ class StepCache:
         return self.step >= 0
 
     # -- the step-cached denoising forward ------------------------------------------------------
-    def forward(self, model, x, t, cache, cond, x0: bool = False):
+    def forward(self, model, x, t, cache, cond, x0: bool = False, modulation=None):
         """A denoising step of chunk x (B, C, q, H, W) at times t (B, q) against ``cache``, under
         this policy: ``model.forward_cached(x, t, cache, cond)`` with the block stack skipped for
-        the rows that reuse their kept residual. Outside a chunk's steps it is the plain forward."""
+        the rows that reuse their kept residual. Outside a chunk's steps it is the plain forward.
+        ``modulation``: ``model.modulation(t, cond)`` when the caller already has it."""
         if not self.active:
-            return model.forward_cached(x, t, cache, cond, x0=x0)
+            return model.forward_cached(x, t, cache, cond, x0=x0, modulation=modulation)
         cond = model.check_input(x, t, cond)
         ctx = model.cached_context(cache, x)
-        h, (c, mods) = model.tokens(x), model.modulation(t, cond)
+        h, (c, mods) = model.tokens(x), model.modulation(t, cond) if modulation is None else modulation
         h = self.run_blocks(model.blocks, h, c, cond, ctx, mods)
         return model.head(h, c, x, t, x0, mods[-1])
 

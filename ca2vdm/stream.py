@@ -83,19 +83,14 @@ class SharedCache:
     def __init__(self, model: CausalVideoDiT, batch: int, cond: Condition, cache_dtype=None):
         self.model, self.cond = model, cond
         self.cache = model.new_cache(batch, cache_dtype)
-        self._zeros = None  # the write pass's times (rows, frames), all 0
 
-    def denoise(self, x, t, step_cache: StepCache | None = None, x0: bool = False):
+    def denoise(self, x, t, step_cache: StepCache | None = None, x0: bool = False, modulation=None):
         if step_cache is not None:
-            return step_cache.forward(self.model, x, t, self.cache, self.cond, x0)
-        return self.model.forward_cached(x, t, self.cache, self.cond, x0=x0)
+            return step_cache.forward(self.model, x, t, self.cache, self.cond, x0, modulation)
+        return self.model.forward_cached(x, t, self.cache, self.cond, x0=x0, modulation=modulation)
 
-    def append(self, frames):
-        shape = (frames.shape[0], frames.shape[2])
-        if self._zeros is None or self._zeros.shape != shape:  # kept: the model reuses its adaLN outputs
-            with torch.inference_mode(False):  # an ordinary tensor even under inference_mode: it has a version
-                self._zeros = frames.new_zeros(shape, dtype=torch.float64)
-        self.model.forward_cached(frames, self._zeros, self.cache, self.cond, write=True)
+    def append(self, frames, t, modulation=None):
+        self.model.forward_cached(frames, t, self.cache, self.cond, write=True, modulation=modulation)
 
     @property
     def nbytes(self):
@@ -110,8 +105,8 @@ class RecomputeFull:
         self.history = None  # (B, C, n, H, W) clean context frames
         self.start = 0       # absolute index of history[:, :, 0]
 
-    def denoise(self, x, t, step_cache=None, x0: bool = False):
-        q = x.shape[2]
+    def denoise(self, x, t, step_cache=None, x0: bool = False, modulation=None):
+        q = x.shape[2]  # the times of the whole sequence change with every chunk: nothing to reuse
         if self.history is None:
             return self.model(x, t, self.cond, start=self.start, x0=x0)
         n = self.history.shape[2]
@@ -119,7 +114,7 @@ class RecomputeFull:
         tt = torch.cat([t.new_zeros(t.shape[0], n), t], dim=1)
         return self.model(full, tt, self.cond, start=self.start, x0=x0)[:, :, n:n + q]
 
-    def append(self, frames):
+    def append(self, frames, t=None, modulation=None):
         self.history = frames if self.history is None else torch.cat([self.history, frames], dim=2)
 
     nbytes = 0
@@ -128,7 +123,7 @@ class RecomputeFull:
 class RecomputeWindow(RecomputeFull):
     """OS-Ext: [last <= P_max frames || noisy chunk] recomputed from scratch at every step."""
 
-    def append(self, frames):
+    def append(self, frames, t=None, modulation=None):
         super().append(frames)
         drop = max(0, self.history.shape[2] - self.model.config.max_context_frames)
         if drop:
@@ -229,7 +224,7 @@ class StreamSession:
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1)
         self.rows = 2 * B if self.guided else B  # batch rows of every network call
-        self._times = {}  # (time, rows, frames) -> the (rows, frames) tensor every call at that time reuses
+        self._modulation = {}  # (time, rows, frames) -> (t tensor, model.modulation(t, cond)): see ``modulation``
         self.cond = self._condition()
         self.engine = ENGINES[mode](model, self.rows, self.cond, self.cache_dtype)
         if levels is not None:
@@ -286,7 +281,8 @@ class StreamSession:
         """Frames join the context: one clean write pass (or a history append)."""
         rows = self._context_frames(frames, chunk)
         with self._network():
-            self.engine.append(rows)
+            t, mod = self.modulation(0.0, rows.shape[0], rows.shape[2])
+            self.engine.append(rows, t, mod)
         self.stats.write_calls += 1
 
     def _check_open(self) -> None:
@@ -344,6 +340,7 @@ class StreamSession:
         self.labels = self.labels if labels is None else labels
         self.negative_prompt = self.negative_prompt if negative_prompt is None else negative_prompt
         self.guided, self.guidance, self.rows, self.cond = guided, guidance, 2 * B if guided else B, cond
+        self._modulation = {}  # computed under the old conditioning
         if self.kept is None:  # nothing written yet: a fresh, empty context under the new conditioning
             self.engine = ENGINES[self.mode](model, self.rows, self.cond, self.cache_dtype)
         elif self.mode != "shared":  # the oracle: history cut at the first kept frame, new conditioning
@@ -375,15 +372,28 @@ class StreamSession:
         levels = [self.sampler.level(i) for i in range(len(self.sampler))]
         return next((i for i, s in enumerate(levels) if s <= strength + 1e-12), len(levels) - 1)
 
-    def times(self, t: float, rows: int, frames: int) -> torch.Tensor:
-        """The (rows, frames) network-time tensor of time t, one per distinct (t, rows, frames) for the
-        session's life: the model recognises it and reuses the adaLN outputs it computed for it
-        (``CausalVideoDiT.modulation``); made on the device, no host-to-device copy."""
+    def modulation(self, t: float, rows: int, frames: int) -> tuple[torch.Tensor, tuple | None]:
+        """The (rows, frames) network-time tensor of time t and, outside autograd, the adaLN outputs
+        the model computes from it under this session's conditioning (``CausalVideoDiT.modulation``),
+        computed once per (t, rows, frames) and kept by the session: its levels repeat in every chunk
+        and its write pass is always t = 0, so after the first chunk no call computes them. The times
+        are made on the device (no host-to-device copy). Under autograd (a rollout's exit step) the
+        outputs are None: the network computes them, so that gradients reach the adaLN weights.
+
+        The kept outputs are the session's own state: ``set_prompt`` drops them (a new conditioning),
+        and they are computed from the weights of the first chunk, as the KV cache is: a model whose
+        weights change mid-stream needs a new session."""
         key = (float(t), rows, frames)
-        if key not in self._times:
-            with torch.inference_mode(False):  # as in ``append``: the model keeps only versioned tensors
-                self._times[key] = torch.full((rows, frames), key[0], dtype=torch.float64, device=self.model.device)
-        return self._times[key]
+        if key not in self._modulation:
+            times = torch.full((rows, frames), key[0], dtype=torch.float64, device=self.model.device)
+            self._modulation[key] = (times, None)
+        times, mod = self._modulation[key]
+        if torch.is_grad_enabled():
+            return times, None
+        if mod is None:
+            mod = self.model.modulation(times, self.cond)
+            self._modulation[key] = (times, mod)
+        return times, mod
 
     def _denoise(self, k: int, exit_step: int | None = None, grad: bool = False,
                  trajectory: list | None = None, source: torch.Tensor | None = None,
@@ -404,7 +414,8 @@ class StreamSession:
             if sc is not None:
                 sc.begin_step(i)
             with self._network(grad and i == run.steps - 1):
-                pred = self.engine.denoise(xin, t, sc, x0=self.sampler.predicts_x0)
+                t, mod = self.modulation(t, self.rows, xin.shape[2])
+                pred = self.engine.denoise(xin, t, sc, x0=self.sampler.predicts_x0, modulation=mod)
             run.update(i, pred)
         if trajectory is not None:
             trajectory.append(run.x)
@@ -503,16 +514,16 @@ class StreamSession:
             stats.seconds_to_first_chunk = time.perf_counter() - self._t0
 
     # -- batching --------------------------------------------------------------------------------
-    def batch_key(self, strength: float | None = None):
+    def batch_key(self):
         """Sessions with equal keys can run their next chunk as one batched forward (``next_chunks``):
-        the same model, sampler, dtypes, guidance on or off and starting step. None: this session's next
-        chunk runs alone (not the shared mode, a step cache, the given first frames, or ended)."""
+        the same model, sampler, dtypes, guidance on or off (video-to-video sources may enter the
+        schedule at different steps). None: this session's next chunk runs alone (not the shared
+        mode, a step cache, the given first frames, or ended)."""
         if self.mode != "shared" or self.step_cache is not None or self.chunk == 0 or self.ended:
             return None
         m, c = self.model, self.engine.cache
-        start = 0 if strength is None else self.start_step(strength)
         return (id(m), m.dtype, c.dtype, self.autocast, type(self.sampler).__name__,
-                tuple(self.sampler.timesteps), self.guided, c.prefix_len, start)
+                tuple(self.sampler.timesteps), self.guided, c.prefix_len)
 
     # -- saving ------------------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -652,11 +663,11 @@ class _ChunkRun:
             renoise = torch.stack([chunk_noise(session.seeds, k, shape, stream=2 + i) for i in range(self.steps - 1)])
             self.renoise = renoise.to(device=model.device, dtype=model.dtype)
 
-    def inputs(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The network's input at step i: x (doubled for guidance) and its per-frame times (rows, l)."""
+    def inputs(self, i: int) -> tuple[torch.Tensor, float]:
+        """The network's input at step i: x (doubled for guidance) and its time (one for every frame)."""
         s = self.session
         xin = torch.cat([self.x, self.x]) if s.guided else self.x
-        return xin, s.times(self.sampler.timesteps[i], self.rows, self.x.shape[2])
+        return xin, self.sampler.timesteps[i]
 
     def update(self, i: int, pred: torch.Tensor) -> None:
         """Step i's network output -> x at step i + 1 (the chunk itself after the exit step)."""
@@ -695,7 +706,7 @@ def next_chunks(sessions: list[StreamSession], sources: list | None = None,
     for j, s in enumerate(sessions):
         s._check_open()
         s._check_source(sources[j], strengths[j])
-        key = s.batch_key(strengths[j] if sources[j] is not None else None)
+        key = s.batch_key()
         groups.setdefault(("alone", j) if key is None else key, []).append(j)
     for idx in groups.values():
         if len(idx) == 1:
@@ -710,28 +721,50 @@ def next_chunks(sessions: list[StreamSession], sources: list | None = None,
 
 def _batched_chunk(sessions: list[StreamSession], sources: list, strengths: list) -> list[torch.Tensor]:
     """One chunk of several compatible shared-mode sessions: every denoising step and the write pass
-    run once over all their rows, against a ``CacheBatch`` of their own caches (positions per row)."""
+    run once over all their rows, against a ``CacheBatch`` of their own caches (positions per row).
+    A video-to-video session whose source enters the schedule at step f joins the batch from step f
+    on (the steps before it run over the other sessions alone)."""
     tc = time.perf_counter()
-    lead, model = sessions[0], sessions[0].model
+    model, l = sessions[0].model, sessions[0].model.config.chunk_frames
     runs = [_ChunkRun(s, s.chunk, None, src, st) for s, src, st in zip(sessions, sources, strengths)]
-    cache = CacheBatch([s.engine.cache for s in sessions])
-    cond = functools.reduce(Condition.cat, [s.cond for s in sessions])
-    splits = [s.rows for s in sessions]
-    for i in range(runs[0].first, runs[0].steps):
-        ins = [r.inputs(i) for r in runs]
-        with lead._network():
-            pred = model.forward_cached(torch.cat([a for a, _ in ins]), torch.cat([b for _, b in ins]), cache, cond,
-                                        x0=lead.sampler.predicts_x0)
-        for r, p in zip(runs, pred.split(splits)):
-            r.update(i, p)
+    groups = {}  # the sessions taking part in a step -> their CacheBatch and conditioning
+
+    def group(members):
+        if members not in groups:
+            groups[members] = (CacheBatch([sessions[j].engine.cache for j in members]),
+                               functools.reduce(Condition.cat, [sessions[j].cond for j in members]))
+        return groups[members]
+
+    for i in range(min(r.first for r in runs), runs[0].steps):
+        members = tuple(j for j, r in enumerate(runs) if r.first <= i)
+        cache, cond = group(members)
+        xs, times, mods = [], [], []
+        with sessions[0]._network():
+            for j in members:
+                x, t = runs[j].inputs(i)
+                t, mod = sessions[j].modulation(t, sessions[j].rows, l)
+                xs.append(x), times.append(t), mods.append(mod)
+            pred = model.forward_cached(torch.cat(xs), torch.cat(times), cache, cond, x0=runs[0].sampler.predicts_x0,
+                                        modulation=_cat_modulation(mods))
+        for j, p in zip(members, pred.split([sessions[j].rows for j in members])):
+            runs[j].update(i, p)
     for r in runs:
         r.session.stats.steps_computed += r.count()
     frames = torch.cat([s._context_frames(r.x, s.chunk) for s, r in zip(sessions, runs)])
-    with lead._network():
-        model.forward_cached(frames, frames.new_zeros(frames.shape[0], frames.shape[2], dtype=torch.float64), cache,
-                             cond, write=True)
+    cache, cond = group(tuple(range(len(sessions))))
+    with sessions[0]._network():
+        writes = [s.modulation(0.0, s.rows, l) for s in sessions]
+        model.forward_cached(frames, torch.cat([t for t, _ in writes]), cache, cond, write=True,
+                             modulation=_cat_modulation([m for _, m in writes]))
     seconds = time.perf_counter() - tc
     for s in sessions:
         s.stats.write_calls += 1
-        s._count(model.config.chunk_frames, seconds)
+        s._count(l, seconds)
     return [r.x for r in runs]
+
+
+def _cat_modulation(mods: list) -> tuple | None:
+    """Several sessions' ``modulation`` outputs (c, [per-block outputs]) stacked along the rows."""
+    if any(m is None for m in mods):
+        return None
+    return torch.cat([c for c, _ in mods]), [torch.cat(parts) for parts in zip(*[m for _, m in mods])]

@@ -130,31 +130,53 @@ def ema_generator(dmd):
     return gen
 
 
+def flipped(dmd):
+    """The same DMD with the real and fake scores swapped: the gradient's sign flipped (the student
+    is pushed away from the teacher, and the critic learns the real distribution instead)."""
+    p = dmd.problem
+    dmd.problem = DMDProblem(generate=p.generate, real_x0=p.fake_x0, fake_x0=p.real_x0, critic_loss=p.critic_loss)
+    return dmd
+
+
 @pytest.fixture(scope="module")
 def trained():
     runs = {}
-    for frozen in (False, True):
-        dmd = toy(frozen_critic=frozen)
+    for kind in ("dmd", "frozen critic", "sign flipped"):
+        dmd = toy(frozen_critic=kind == "frozen critic")
+        if kind == "sign flipped":
+            flipped(dmd)
         for _ in range(ITERATIONS):
             dmd.step()
-        runs[frozen] = dmd
+        runs[kind] = dmd
     return runs
 
 
+# Bounds with a margin over what a correct DMD measured at seeds 0-5, both with PyTorch's AVX2
+# kernels and with its unvectorised ones (ATEN_CPU_CAPABILITY=default), on an AMD EPYC: largest
+# share error 0.010-0.022, within 3 std 0.900-0.925, sliced W2 0.098-0.123 (two sets of the mixture
+# itself: 0.052). The broken runs measure share error 0.875, within 0.000, sliced W2 1.4-4.4.
+SHARE_ERROR, WITHIN, SLICED_W2 = 0.05, 0.80, 0.25
+
+
+def spread_over_every_mode(generator) -> bool:
+    shares, within, sw, _ = measure(generator)
+    return bool((shares - 1 / K).abs().max() <= SHARE_ERROR and within >= WITHIN and sw <= SLICED_W2)
+
+
 def test_dmd_spreads_a_collapsed_generator_over_every_mode(trained):
-    """Every mode holds 12.5% +- 5% of the samples, >= 90% lie within 3 std of a mode, and the
-    sliced-Wasserstein distance to the mixture is at most 2x that between two sample sets of the
-    mixture itself."""
-    shares, within, sw, sw_ref = measure(ema_generator(trained[False]))
-    assert ((shares - 1 / K).abs() <= 0.05).all(), shares
-    assert within >= 0.90, within
-    assert sw <= 2 * sw_ref, (sw, sw_ref)
+    """Every mode holds 12.5% +- 5% of the samples, >= 80% lie within 3 std of a mode, and the
+    sliced-Wasserstein distance to the mixture is at most 0.25 (the collapsed start: about 1.4)."""
+    shares, within, sw, sw_ref = measure(ema_generator(trained["dmd"]))
+    assert ((shares - 1 / K).abs() <= SHARE_ERROR).all(), shares
+    assert within >= WITHIN, within
+    assert sw <= SLICED_W2, (sw, sw_ref)
 
 
-def test_with_the_critic_frozen_it_does_not(trained):
-    """The critic is what DMD learns from: frozen at the teacher, fake = real and nothing moves."""
-    shares, within, sw, sw_ref = measure(ema_generator(trained[True]))
-    assert (shares - 1 / K).abs().max() > 0.05 and within < 0.90 and sw > 2 * sw_ref
+@pytest.mark.parametrize("broken", ["frozen critic", "sign flipped"])
+def test_a_broken_dmd_does_not(trained, broken):
+    """The critic is what DMD learns from: frozen at the teacher, fake = real and nothing moves; with
+    the gradient's sign flipped the student runs from the teacher. The same bounds fail both."""
+    assert not spread_over_every_mode(ema_generator(trained[broken]))
 
 
 def test_resuming_between_generator_steps_is_exact(tmp_path):

@@ -227,8 +227,10 @@ def test_a_bad_saved_stream_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("positions,enhance", [("cyclic", False), ("rope", True)])
 def test_batched_streams_give_what_each_gives_alone(positions, enhance):
     """Streams that joined at other frames, with other prompts (other lengths), seeds, batch sizes
-    and guidance scales, one without guidance (its own group), and one doing video-to-video: each
-    equals itself run alone (float64), and the shared-key ones really ran as one forward."""
+    and guidance scales, one without guidance (its own group), and two doing video-to-video at other
+    strengths (their sources enter the schedule at other steps, in the same batch as plain streams):
+    each equals itself run alone (float64), and the shared-key ones really ran as one forward. Break
+    tried: zeroing the source inside ``_batched_chunk``."""
     model = _model(positions=positions, prefix_enhance=enhance)
     specs = [dict(guidance=3.0, seed=1, prompt_seed=1), dict(guidance=5.0, seed=2, prompt_seed=2, batch=2),
              dict(guidance=2.0, seed=3, prompt_seed=3), dict(guidance=1.0, seed=4, prompt_seed=4),
@@ -236,7 +238,7 @@ def test_batched_streams_give_what_each_gives_alone(positions, enhance):
     joins = [0, 1, 3, 0, 2]   # the round at which each stream joins
     lead = [4, 3, 3, 0, 1]    # chunks each stream ran alone before joining
     source = torch.rand(1, 3, 2, 8, 8, dtype=torch.float64) * 2 - 1
-    v2v = {2: 0.6}            # stream 2 does video-to-video once batched
+    v2v = {2: 0.6, 1: 0.3}    # streams 2 and 1 do video-to-video once batched (entering at steps 1 and 2 of 3)
 
     def play(batched):
         sessions = [_session(model, **spec) for spec in specs]
@@ -261,6 +263,11 @@ def test_batched_streams_give_what_each_gives_alone(positions, enhance):
     together = play(True)
     hook.remove()
     assert max(rows) > max(solo_rows)  # some forward really held several streams' rows
+    guided = [_session(model, **spec) for spec in specs[:3]]
+    for s, n in zip(guided, lead):
+        _run(s, n)
+    assert guided[2].batch_key() == guided[1].batch_key() == guided[0].batch_key()  # the v2v streams batch too
+    assert {guided[0].start_step(v) for v in v2v.values()} == {1, 2}
     for j, (a, b) in enumerate(zip(alone, together)):
         assert len(a) == len(b)
         for x, y in zip(a, b):
