@@ -13,6 +13,7 @@ from ca2vdm import StreamSession
 from ca2vdm.stream import next_chunks
 
 from conftest import random_text, tiny_model
+from oracle import Oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TEXT = 16
@@ -47,26 +48,54 @@ def _run(session, n):
 @pytest.mark.parametrize("positions", ["cyclic", "rope"])
 @pytest.mark.parametrize("prefix_frames,enhance", [(1, True), (0, False), (1, False)])
 def test_a_recache_continues_as_the_oracle_cut_at_the_first_kept_frame(positions, prefix_frames, enhance):
-    """Shared mode re-caches the window from the kept frames under the new prompt; recompute-full
-    cuts its history at the first kept frame: the same frames after the switch (float64). With
-    prefix 1, P_max 5, l 2 the kept window starts mid-chunk."""
+    """Shared mode re-caches the window from the kept frames under the new prompt: the chunks after
+    the switch equal an independent sampler (``oracle.Oracle``) whose context is cut, by this test,
+    to the last P_max frames generated, from their absolute first frame (float64). With prefix 1,
+    P_max 5, l 2 the kept window starts mid-chunk. Breaks tried: the re-cache's first frame shifted
+    by 1 (all six fail) and by 2, a whole chunk (the cyclic cases fail; under RoPE a shift of every
+    position by a whole chunk changes no number, so nothing can see it)."""
     model = _model(positions=positions, prefix_frames=prefix_frames, prefix_enhance=enhance)
-    shared, oracle = _session(model, batch=2), _session(model, "recompute-full", batch=2)
-    before = 4
-    for a, b in zip(_run(shared, before), _run(oracle, before)):
-        assert (a - b).abs().max() < 1e-9
+    shared = _session(model, batch=2)
+    old, new = random_text(2, 6, TEXT, seed=1), random_text(2, 4, TEXT, seed=9)
+    negative = random_text(2, 3, TEXT, seed=2, ragged=False)
+    oracle = Oracle(model, [3, 10], model.guided_condition(2, old, negative=negative), guidance=3.0, steps=3)
     if prefix_frames:
-        assert model.layout.chunk_start(model.layout.chunk_of(shared.kept_start)) != shared.kept_start  # mid-chunk
-    new = random_text(2, 4, TEXT, seed=9)
-    for s in (shared, oracle):
-        s.set_prompt(new, recache=True)
-    after_s, after_o = _run(shared, 4), _run(oracle, 4)
-    for a, b in zip(after_s, after_o):
+        oracle.append(_first(model, 2))
+    before = 4
+    first = [shared.next_chunk()] if prefix_frames else []
+    for a, b in zip(_run(shared, before), oracle.run(before, first_chunk=1)):
+        assert (a - b).abs().max() < 1e-9
+    frames_so_far = prefix_frames + before * model.config.chunk_frames  # 9 or 8
+    oracle.keep_last(min(frames_so_far, model.config.max_context_frames))
+    assert oracle.start == frames_so_far - 5 and (not prefix_frames or oracle.start % 2 == 0)  # mid-chunk: chunks start odd
+    oracle.cond = model.guided_condition(2, new, negative=negative)
+    shared.set_prompt(new, recache=True)
+    after = _run(shared, 4)
+    for a, b in zip(after, oracle.run(4, first_chunk=1 + before)):
         assert (a - b).abs().max() < 1e-9
     stay = _session(model, batch=2)  # a stream that kept the old K/V differs: the re-cache did something
-    _run(stay, before)
+    _run(stay, before + (1 if prefix_frames else 0))
     stay.set_prompt(new, recache=False)
-    assert (_run(stay, 1)[0] - after_s[0]).abs().max() > 1e-6
+    assert (_run(stay, 1)[0] - after[0]).abs().max() > 1e-6
+
+
+def test_recompute_full_after_a_switch_is_the_same_oracle():
+    """The recompute-full mode (the exactness suite's reference) also cuts its history at the
+    first kept frame on a switch: its chunks equal the independent sampler's."""
+    model = _model(prefix_frames=1)
+    s = _session(model, "recompute-full", batch=2)
+    old, new = random_text(2, 6, TEXT, seed=1), random_text(2, 4, TEXT, seed=9)
+    negative = random_text(2, 3, TEXT, seed=2, ragged=False)
+    oracle = Oracle(model, [3, 10], model.guided_condition(2, old, negative=negative), guidance=3.0, steps=3)
+    oracle.append(_first(model, 2))
+    s.next_chunk()
+    for a, b in zip(_run(s, 3), oracle.run(3, first_chunk=1)):
+        assert (a - b).abs().max() < 1e-9
+    oracle.keep_last(model.config.max_context_frames)
+    oracle.cond = model.guided_condition(2, new, negative=negative)
+    s.set_prompt(new)
+    for a, b in zip(_run(s, 3), oracle.run(3, first_chunk=4)):
+        assert (a - b).abs().max() < 1e-9
 
 
 def test_without_recache_the_old_kv_stay_and_only_the_text_changes():
