@@ -15,6 +15,7 @@ from ca2vdm.distill import (DMD, DMDConfig, ODEPairs, VideoDMD, ode_regression_l
 from ca2vdm.generate import chunk_noise, generate_video
 
 from conftest import tiny_model
+from oracle import Oracle
 from test_cli import ca2vdm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,8 +40,9 @@ def test_states_at_levels_walk_the_euler_path():
 
 
 def test_a_stored_trajectory_ends_where_generate_video_ends(tmp_path):
-    """Shards in float64 of a guided class teacher (prefix frame, 2 chunks): the clip stored equals
-    generate_video for the same seeds, and its state at level 1 is the chunk's starting noise."""
+    """Shards in float64 of a guided class teacher (prefix frame, 2 chunks): the clip stored equals an
+    independent sampler's (``oracle.Oracle``) for the same seeds, and its state at level 1 is the
+    chunk's starting noise. Break tried: the guidance scale off by one in ``teacher_trajectories``."""
     teacher = class_model()
     paths = write_ode_pairs(teacher, tmp_path, lambda i: ITEMS[i], LEVELS, frames=5, clips=5, batch=2,
                             steps=6, guidance=3.0, seed=10, log=lambda *a: None)
@@ -48,8 +50,10 @@ def test_a_stored_trajectory_ends_where_generate_video_ends(tmp_path):
     pairs = ODEPairs(tmp_path, LEVELS)
     assert len(pairs) == 5 and pairs.states.shape == (5, 3, 3, 4, 8, 8) and pairs.states.dtype == torch.float64
     first = torch.stack([it["video"][:, :1] for it in ITEMS[:5]])
-    ref = generate_video(teacher, 5, first_frames=first, labels=torch.tensor([it["label"] for it in ITEMS[:5]]),
-                         steps=6, guidance=3.0, seed=list(range(10, 15)))
+    labels = torch.tensor([it["label"] for it in ITEMS[:5]])
+    oracle = Oracle(teacher, range(10, 15), teacher.guided_condition(5, labels=labels), guidance=3.0, steps=6)
+    oracle.append(first)
+    ref = torch.cat([first] + oracle.run(2, first_chunk=1), dim=2)  # an independent sampler, not generate
     assert (pairs.video - ref).abs().max().item() <= 1e-9
     assert [pairs[i]["label"] for i in range(5)] == [0, 1, 2, 0, 1]
     for k in (1, 2):  # level 1 = the teacher's starting noise of chunk k (frames 1-2, 3-4)
@@ -295,8 +299,9 @@ def _bi_teacher(dtype=torch.float64):
 
 
 def test_pairs_of_a_bidirectional_teacher_are_its_whole_clip(tmp_path):
-    """CausVid's asymmetric pairs: the stored clip equals generate_clip for the same seeds (float64),
-    and its state at level 1 is the clip's starting noise, every frame on one trajectory."""
+    """CausVid's asymmetric pairs: the stored clip equals an independent whole-clip sampler's for the
+    same seeds (float64), as ``generate_clip`` does, and its state at level 1 is the clip's starting
+    noise, every frame on one trajectory."""
     from ca2vdm.generate import generate_clip
 
     teacher = _bi_teacher()
@@ -304,9 +309,11 @@ def test_pairs_of_a_bidirectional_teacher_are_its_whole_clip(tmp_path):
                     seed=20, log=lambda *a: None)
     pairs = ODEPairs(tmp_path, LEVELS)
     assert pairs.states.shape == (3, 3, 3, 6, 8, 8)
-    ref = generate_clip(teacher, labels=torch.tensor([it["label"] for it in ITEMS[:3]]), steps=5, guidance=2.0,
-                        seed=[20, 21, 22])
+    labels = torch.tensor([it["label"] for it in ITEMS[:3]])
+    oracle = Oracle(teacher, [20, 21, 22], teacher.guided_condition(3, labels=labels), guidance=2.0, steps=5)
+    ref = oracle.chunk(0, 6)  # the whole clip as one chunk, unmasked: an independent sampler, not generate_clip
     assert (pairs.video - ref).abs().max().item() <= 1e-9
+    assert (generate_clip(teacher, labels=labels, steps=5, guidance=2.0, seed=[20, 21, 22]) - ref).abs().max() <= 1e-9
     assert torch.equal(pairs.states[:, 0], chunk_noise([20, 21, 22], 0, (3, 6, 8, 8), dtype=torch.float64))
     student = class_model(1, prefix_frames=0)  # a causal student regresses them chunk by chunk
     loss = ode_regression_loss(student, pairs.video, pairs.states, LEVELS, student.condition(3, labels=pairs.labels),

@@ -7,6 +7,7 @@ from ca2vdm.diffusion import FlowMatching
 from ca2vdm.generate import chunk_noise, generate_video
 
 from conftest import random_text, tiny_model
+from oracle import Oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,13 +113,19 @@ def _rollout(model, mode, exit_step, grad, chunks=5):
     return [session.next_chunk(exit_step=exit_step, grad=grad) for _ in range(chunks)], session
 
 
-def test_self_rollout_at_the_last_step_is_generate():
+@pytest.mark.parametrize("mode", ["shared", "recompute-full"])
+@pytest.mark.parametrize("exit_step", [0, 1, len(LEVELS) - 1])
+def test_self_rollout_equals_an_independent_sampler_exiting_at_that_step(mode, exit_step):
+    """Every chunk is the x0 predicted at ``exit_step`` (later steps skipped), and that x0 is what
+    joins the context: 5 chunks through a 5-frame window, against ``oracle.Oracle`` (full-sequence
+    forwards, the re-noising written out). Break tried: ignoring ``exit_step`` (every chunk runs all
+    levels): the exit steps 0 and 1 fail."""
     model = tiny_model(conditioning="class", num_classes=3, prediction="sample")
-    chunks, _ = _rollout(model, "shared", exit_step=len(LEVELS) - 1, grad=False)
-    video = generate_video(model, 11, first_frames=torch.randn(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(4),
-                                                               dtype=torch.float64),
-                           labels=torch.tensor([0, 2]), levels=LEVELS, seed=[5, 6])
-    assert torch.equal(torch.cat(chunks, dim=2), video[:, :, 1:])
+    chunks, _ = _rollout(model, mode, exit_step=exit_step, grad=False)
+    oracle = Oracle(model, [5, 6], model.condition(2, labels=torch.tensor([0, 2])), levels=LEVELS)
+    oracle.append(torch.randn(2, 3, 1, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64))
+    for a, b in zip(chunks, oracle.run(5, first_chunk=1, exit_step=exit_step)):
+        assert (a - b).abs().max() < 1e-9
 
 
 def test_self_rollout_gradients_flow_only_through_each_exit_step():
