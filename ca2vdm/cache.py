@@ -209,7 +209,8 @@ class KVCache:
         return per_frame * frames
 
     def window_bytes(self) -> int:
-        """DESIGN §3's figure for the window alone: B x P_max x depth x S x 2*hidden x bytes."""
+        """The paper's figure, the window alone (docs/CONCEPTS.md §4):
+        B x P_max x depth x S x 2*hidden x bytes."""
         depth, hidden = len(self.k), self.heads * self.head_dim
         itemsize = torch.empty((), dtype=self.dtype).element_size()
         return self.batch * self.capacity * depth * self.tokens * 2 * hidden * itemsize

@@ -58,7 +58,7 @@ def test_cache_bytes_equal_formula_and_double_with_guidance():
     assert cache.nbytes == cache.formula_bytes()
     assert cache.nbytes == 3 * per_frame * (cfg.max_context_frames + staging + cfg.prefix_enhance_frames)
     assert cache.window_bytes() == 3 * per_frame * cfg.max_context_frames
-    # DESIGN §3 paper figure: 28 x 256 x 2304 x 2 B per frame, 25 frames ~ 0.77 GiB
+    # the paper's figure (docs/CONCEPTS.md §4): 28 x 256 x 2304 x 2 B per frame, 25 frames ~ 0.77 GiB
     paper = KVCache(ChunkLayout(1, 8, 25), depth=28, batch=1, tokens=256, heads=16, head_dim=72,
                     dtype=torch.bfloat16, device="meta")
     window = sum(t[:, :, :, :25].numel() * t.element_size() for t in paper.k + paper.v)  # the ring's slots

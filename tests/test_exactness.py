@@ -1,4 +1,4 @@
-"""Cache sharing is exact: `shared` generation equals the full-sequence oracle (DESIGN §4)."""
+"""Cache sharing is exact: `shared` generation equals the full-sequence oracle (docs/CONCEPTS.md §7)."""
 
 import pytest
 import torch

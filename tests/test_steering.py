@@ -233,6 +233,17 @@ def test_a_saved_stream_continues_bit_for_bit_in_a_new_process(tmp_path, mode, s
     assert torch.equal(load_file(str(out))["chunks"], expected)
 
 
+def test_a_stream_without_guidance_saves(tmp_path):
+    """Without guidance the prepared conditioning holds the prompt's own mask: the file must still
+    be written (safetensors refuses tensors that share memory)."""
+    model = _model()
+    s = _session(model, guidance=1.0)
+    _run(s, 2)
+    path = s.save(tmp_path / "s.safetensors")
+    t = StreamSession.load(path, model)
+    assert torch.equal(t.next_chunk(), s.next_chunk())
+
+
 def test_a_bad_saved_stream_is_a_clear_error(tmp_path):
     model = _model()
     s = _session(model)

@@ -129,9 +129,9 @@ def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int,
 
 def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torch.Generator | Draws",
                     context_noise: float = 0.0) -> torch.Tensor:
-    """The all-chunks-at-once variant (DESIGN §4, Self-Forcing's teacher forcing): one pass over a clean
-    clip and noisy copies of all its generated chunks, one noise level per (clip, chunk), loss on every
-    noisy frame. Each noisy chunk sees exactly what cached inference shows it."""
+    """The all-chunks-at-once variant (docs/CONCEPTS.md §6, Self-Forcing's teacher forcing): one pass
+    over a clean clip and noisy copies of all its generated chunks, one noise level per (clip, chunk),
+    loss on every noisy frame. Each noisy chunk sees exactly what cached inference shows it."""
     cfg, diff, draws = model.config, model.diffusion, Draws.of(gen)
     Fr = clip_frames(cfg)
     x0 = video[:, :, :Fr]
