@@ -285,9 +285,12 @@ class SelfAttention(nn.Module):
         if groups is None:
             out = attend(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3)).view(B, H, Fq, S, d)
         else:
-            out = torch.cat([attend(q[:, :, q0:q1].flatten(2, 3), k[:, :, keys].flatten(2, 3),
-                                    v[:, :, keys].flatten(2, 3)).view(B, H, q1 - q0, S, d)
-                             for q0, q1, keys in groups], dim=2)
+            parts = []
+            for q0, q1, keys in groups:
+                keys = keys if isinstance(keys, slice) else keys.to(k.device)  # frame indices (host-built)
+                parts.append(attend(q[:, :, q0:q1].flatten(2, 3), k[:, :, keys].flatten(2, 3),
+                                    v[:, :, keys].flatten(2, 3)).view(B, H, q1 - q0, S, d))
+            out = torch.cat(parts, dim=2)
         return self.o(out.permute(0, 2, 3, 1, 4).reshape(B, Fq, S, H * d))
 
 
