@@ -50,7 +50,7 @@ class Condition:
     added to the timestep embedding (the adaLN input): the class embedding, or the pooled prompt."""
 
     kv: list | None = None           # per block (k, v), each (B, H, N, d)
-    mask: torch.Tensor | None = None  # (B, 1, 1, N) bool
+    mask: torch.Tensor | None = None  # (B, 1, 1, N) bool; None: every position attended (Wan's 512)
     vector: torch.Tensor | None = None  # (B, D)
     batch: int = 0
 
@@ -66,7 +66,9 @@ class Condition:
         out = Condition(batch=a.batch + b.batch)
         if a.vector is not None:
             out.vector = torch.cat([a.vector, b.vector])
-        if a.kv is not None:
+        if a.kv is not None and a.mask is None and b.mask is None:  # every text position attended (Wan)
+            out.kv = [(torch.cat([ka, kb]), torch.cat([va, vb])) for (ka, va), (kb, vb) in zip(a.kv, b.kv)]
+        elif a.kv is not None:
             n = max(a.mask.shape[-1], b.mask.shape[-1])
             pad = lambda t, n=n: F.pad(t, (0, 0, 0, n - t.shape[2]))  # noqa: E731  (B, H, N, d) tokens
             out.kv = [(torch.cat([pad(ka), pad(kb)]), torch.cat([pad(va), pad(vb)]))

@@ -16,8 +16,8 @@ FLOORS = {
     # 0 — leaves: the paper's ideas and the library's plumbing, each on its own
     "assets": 0, "config": 0, "layout": 0, "cache": 0, "positions": 0, "diffusion": 0, "conditioning": 0,
     "layers": 0, "text": 0, "video": 0, "autoencoder": 0, "data": 0, "metrics": 0, "safefile": 0,
-    # 1 — the model and its files on disk
-    "model": 1, "checkpoint": 1,
+    # 1 — the models and their files on disk
+    "model": 1, "checkpoint": 1, "wan": 1, "wan_weights": 1,
     # 2 — what runs the model: streams and generation, step caching, training (and the coming
     #     few-step distillation and serving)
     "stepcache": 2, "stream": 2, "generate": 2, "training": 2, "distill": 2, "serve": 2,
