@@ -14,11 +14,13 @@ from .layout import ChunkLayout
 
 
 class KVCache:
-    """Temporal K/V of clean frames for every block, a ring of P_max frame slots per block.
+    """K/V of clean frames for every block, a ring of P_max frame slots per block.
 
-    Layout per block: ``k[b]``, ``v[b]`` of shape (B, S, H, P_max + l, d): slots [0, P_max) are
-    the ring, slot of absolute frame n is ``n mod P_max``; slots [n_valid, n_valid + q) stage the
-    chunk being denoised. With prefix enhancement, ``pk[b]``, ``pv[b]`` of shape (B, H, R, S, d)
+    Layout per block: ``k[b]``, ``v[b]`` of shape (B, S, H, P_max + l, d) (``frames_dim`` 3: the
+    factorized backbone's temporal attention, per token), or (B, H, P_max + l, S, d) (``frames_dim``
+    2: full spatio-temporal attention, where a chunk attends to every token of the window): slots
+    [0, P_max) are the ring, slot of absolute frame n is ``n mod P_max``; slots [n_valid, n_valid + q)
+    stage the chunk being denoised. With prefix enhancement, ``pk[b]``, ``pv[b]`` of shape (B, H, R, S, d)
     hold the spatial K/V of the last R clean frames (a ring of R slots, no staging needed).
 
     One clean write pass per chunk fills it (``stage`` then ``commit`` in every block, then
@@ -29,14 +31,18 @@ class KVCache:
     """
 
     def __init__(self, layout: ChunkLayout, depth: int, batch: int, tokens: int, heads: int,
-                 head_dim: int, prefix_enhance_frames: int = 0, dtype=torch.float32, device=None):
+                 head_dim: int, prefix_enhance_frames: int = 0, dtype=torch.float32, device=None,
+                 frames_dim: int = 3):
         self.layout = layout
         self.capacity = layout.max_context_frames
         self.staging = max(layout.chunk_frames, layout.prefix_frames)
         self.batch, self.tokens, self.heads, self.head_dim = batch, tokens, heads, head_dim
         self.dtype = dtype
         slots = self.capacity + self.staging
-        shape = (batch, tokens, heads, slots, head_dim)  # (B, S, H, slots, d)
+        if frames_dim not in (2, 3):
+            raise ValueError(f"frames_dim must be 2 (B, H, slots, S, d) or 3 (B, S, H, slots, d), got {frames_dim}")
+        self.dim = frames_dim
+        shape = (batch, heads, slots, tokens, head_dim) if frames_dim == 2 else (batch, tokens, heads, slots, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.prefix_capacity = prefix_enhance_frames
@@ -92,19 +98,23 @@ class KVCache:
         generation) would overwrite tensors that a later backward needs."""
         return torch.is_grad_enabled() or buf.requires_grad
 
+    def slots(self, buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Frame slots [start, stop) of a buffer laid out as this cache's (a view)."""
+        return buf.narrow(self.dim, start, stop - start)
+
     def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put the chunk's K/V (B, S, H, q, d) after the valid window; return the (B, S, H, n+q, d) view.
-        Out of place under autograd: the window and the chunk's K/V concatenated, the K/V kept for
-        ``commit``."""
-        n, q = self.window_len, k.shape[3]
+        """Put the chunk's K/V (q frames on the frames axis) after the valid window; return the view
+        of n + q frames. Out of place under autograd: the window and the chunk's K/V concatenated,
+        the K/V kept for ``commit``."""
+        n, q, d = self.window_len, k.shape[self.dim], self.dim
         if self.differentiable(self.k[block]):
             self._staged[block] = (k, v)
-            return (torch.cat([self.k[block][:, :, :, :n], k.to(self.dtype)], dim=3),
-                    torch.cat([self.v[block][:, :, :, :n], v.to(self.dtype)], dim=3))
+            return (torch.cat([self.slots(self.k[block], 0, n), k.to(self.dtype)], dim=d),
+                    torch.cat([self.slots(self.v[block], 0, n), v.to(self.dtype)], dim=d))
         self._staged.pop(block, None)  # what an earlier differentiable step staged is stale now
-        self.k[block][:, :, :, n:n + q].copy_(k)
-        self.v[block][:, :, :, n:n + q].copy_(v)
-        return self.k[block][:, :, :, :n + q], self.v[block][:, :, :, :n + q]
+        self.slots(self.k[block], n, n + q).copy_(k)
+        self.slots(self.v[block], n, n + q).copy_(v)
+        return self.slots(self.k[block], 0, n + q), self.slots(self.v[block], 0, n + q)
 
     def commit(self, block: int, q: int) -> None:
         """Move the staged chunk's K/V into the ring (FIFO, oldest frames evicted).
@@ -119,14 +129,14 @@ class KVCache:
             first = max(0, q - cap)  # of a chunk longer than the ring only its last cap frames stay
             new_k, new_v = self.k[block].clone(), self.v[block].clone()
             for src, dst, length in _ring_runs(first, (c + first) % cap, q - first, cap):
-                new_k[:, :, :, dst:dst + length] = k[:, :, :, src:src + length]
-                new_v[:, :, :, dst:dst + length] = v[:, :, :, src:src + length]
+                self.slots(new_k, dst, dst + length).copy_(self.slots(k, src, src + length))
+                self.slots(new_v, dst, dst + length).copy_(self.slots(v, src, src + length))
             self.k[block], self.v[block] = new_k, new_v
             return
         first = max(0, cap - n, q - cap)  # staged frames that are not already in place
         for src, dst, length in _ring_runs(n + first, (c + first) % cap, q - first, cap):
             for buf in (self.k[block], self.v[block]):
-                buf[:, :, :, dst:dst + length].copy_(buf[:, :, :, src:src + length])
+                self.slots(buf, dst, dst + length).copy_(self.slots(buf, src, src + length))
 
     # -- prefix-enhancement K/V ---------------------------------------------------------------
     def prefix(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -153,11 +163,11 @@ class KVCache:
 
     # -- re-cache: the whole window at once ------------------------------------------------------
     def fill(self, block: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Write the K/V (B, S, H, F, d) of clean frames [start, start + F), computed together by one
+        """Write the K/V (F frames on the frames axis) of clean frames [start, start + F), computed together by one
         masked forward (a re-cache), into the ring: frame n to slot n mod P_max, only the last P_max
         kept. The frames must cover the whole window they leave behind (F >= min(start + F, P_max));
         ``advance`` to start + F follows once every block is filled."""
-        Fr, cap = k.shape[3], self.capacity
+        Fr, cap = k.shape[self.dim], self.capacity
         if self.frames_written:
             raise RuntimeError("fill writes a whole window into an empty cache; this one holds frames already")
         if Fr < min(start + Fr, cap):
@@ -169,8 +179,8 @@ class KVCache:
             self.k[block], self.v[block] = K, V
         first = max(0, Fr - cap)
         for src, dst, length in _ring_runs(first, (start + first) % cap, Fr - first, cap):
-            K[:, :, :, dst:dst + length] = k[:, :, :, src:src + length]
-            V[:, :, :, dst:dst + length] = v[:, :, :, src:src + length]
+            self.slots(K, dst, dst + length).copy_(self.slots(k, src, src + length))
+            self.slots(V, dst, dst + length).copy_(self.slots(v, src, src + length))
 
     def copy_rows(self, other: "KVCache", rows: int) -> None:
         """Take the first ``rows`` batch rows of every buffer from ``other`` (the same window): a
@@ -240,15 +250,16 @@ class CacheRows:
         raise RuntimeError("a row view of a cache cannot be narrowed again")
 
     def stage(self, block: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (b, S, H, n+q, d) window of these rows followed by the chunk's K/V (b, S, H, q, d)."""
-        n, q = self.window_len, k.shape[3]
-        K, V = self.cache.k[block], self.cache.v[block]
+        """The window of these rows followed by the chunk's K/V (q frames on the cache's frames axis)."""
+        c = self.cache
+        n, q = self.window_len, k.shape[c.dim]
+        K, V = c.k[block], c.v[block]
         if self.contiguous:  # the parent's staging slots of these rows are free scratch space
-            K[self.sel, :, :, n:n + q].copy_(k)
-            V[self.sel, :, :, n:n + q].copy_(v)
-            return K[self.sel, :, :, :n + q], V[self.sel, :, :, :n + q]
-        window = lambda buf: buf[:, :, :, :n].index_select(0, self.sel)  # noqa: E731  (b, S, H, n, d)
-        return (torch.cat([window(K), k.to(K.dtype)], dim=3), torch.cat([window(V), v.to(V.dtype)], dim=3))
+            c.slots(K[self.sel], n, n + q).copy_(k)
+            c.slots(V[self.sel], n, n + q).copy_(v)
+            return c.slots(K[self.sel], 0, n + q), c.slots(V[self.sel], 0, n + q)
+        window = lambda buf: c.slots(buf, 0, n).index_select(0, self.sel)  # noqa: E731  n frames
+        return (torch.cat([window(K), k.to(K.dtype)], dim=c.dim), torch.cat([window(V), v.to(V.dtype)], dim=c.dim))
 
     def commit(self, block: int, q: int) -> None:
         raise RuntimeError("a row view of a cache is only read: write passes run on the whole cache")
@@ -327,8 +338,8 @@ class CacheBatch:
         end = self.capacity + k.shape[3]
         for c, kc, vc in zip(self.caches, k.split(self.splits), v.split(self.splits)):
             c.stage(block, kc, vc)
-        return (torch.cat([c.k[block][:, :, :, :end] for c in self.caches]),
-                torch.cat([c.v[block][:, :, :, :end] for c in self.caches]))
+        return (torch.cat([c.slots(c.k[block], 0, end) for c in self.caches]),
+                torch.cat([c.slots(c.v[block], 0, end) for c in self.caches]))
 
     def commit(self, block: int, q: int) -> None:
         for c in self.caches:
