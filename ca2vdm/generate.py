@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import Text, classifier_free_guidance
-from .model import CausalVideoDiT
+from .backbone import Backbone
 from .stream import MODES, GenerationStats, StreamSession, batch_size_of, chunk_noise
 
 __all__ = ["generate", "generate_video", "generate_clip", "generate_to_files", "video_to_video_files", "load_first_frames", "load_clip",
@@ -28,7 +28,7 @@ __all__ = ["generate", "generate_video", "generate_clip", "generate_to_files", "
            "MODES", "GenerationStats", "StreamSession", "chunk_noise"]  # the last four: stream's, re-exported
 
 
-def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor | None = None,
+def generate(model: Backbone, num_frames: int, first_frames: torch.Tensor | None = None,
              prompt: Text | None = None, negative_prompt: Text | None = None, labels=None,
              steps: int | None = None, guidance: float = 1.0, seed: int | list[int] = 0, mode: str = "shared",
              batch: int | None = None, context_noise: float = 0.0, cache_dtype: torch.dtype | None = None,
@@ -67,13 +67,13 @@ def generate(model: CausalVideoDiT, num_frames: int, first_frames: torch.Tensor 
         yield out.pop()
 
 
-def generate_video(model: CausalVideoDiT, num_frames: int, **kwargs) -> torch.Tensor:
+def generate_video(model: Backbone, num_frames: int, **kwargs) -> torch.Tensor:
     """Run ``generate`` to the end and return the whole video (B, C, num_frames, H, W)."""
     return torch.cat(list(generate(model, num_frames, **kwargs)), dim=2)
 
 
 @torch.no_grad()
-def generate_clip(model: CausalVideoDiT, prompt: Text | None = None, negative_prompt: Text | None = None, labels=None,
+def generate_clip(model: Backbone, prompt: Text | None = None, negative_prompt: Text | None = None, labels=None,
                   steps: int = 20, guidance: float = 1.0, seed: int | list[int] = 0, batch: int | None = None,
                   frames: int | None = None, autocast: torch.dtype | None = None,
                   trajectory: list | None = None) -> torch.Tensor:
@@ -114,7 +114,7 @@ def generate_clip(model: CausalVideoDiT, prompt: Text | None = None, negative_pr
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def pixel_size(model: CausalVideoDiT, autoencoder, option: str) -> tuple[int, int]:
+def pixel_size(model: Backbone, autoencoder, option: str) -> tuple[int, int]:
     """The (H, W) of the pixel frames that ``autoencoder`` encodes to the model's frames; a clear error,
     naming the command-line ``option`` that brought the frames, when it cannot make the model's channels."""
     cfg = model.config
@@ -124,7 +124,7 @@ def pixel_size(model: CausalVideoDiT, autoencoder, option: str) -> tuple[int, in
     return tuple(s * autoencoder.downsample for s in cfg.frame_size)
 
 
-def load_first_frames(path, model: CausalVideoDiT, batch: int, autoencoder) -> torch.Tensor:
+def load_first_frames(path, model: Backbone, batch: int, autoencoder) -> torch.Tensor:
     """An image, or a video's last frames, resized to the model's frame size and encoded by
     ``autoencoder``: (batch, C, prefix_frames, H, W). An image for a model that takes several
     frames is repeated."""
@@ -148,7 +148,7 @@ def load_first_frames(path, model: CausalVideoDiT, batch: int, autoencoder) -> t
     return latents.expand(batch, -1, -1, -1, -1).to(model.device, model.dtype)
 
 
-def load_clip(path, model: CausalVideoDiT, batch: int, autoencoder, fps: float | None = None):
+def load_clip(path, model: Backbone, batch: int, autoencoder, fps: float | None = None):
     """A video that a stream continues: its frames resampled to ``fps``, resized to the model's frame
     size and encoded, split into the first frames (B, C, p, H, W) (None for a model without them)
     and the whole chunks after them (B, C, n * l, H, W); a trailing partial chunk is dropped."""
@@ -342,7 +342,7 @@ def video_to_video_files(checkpoint, source, prompt, strength: float, out="outpu
 
 
 @torch.no_grad()
-def write_sample_gif(model: CausalVideoDiT, items: list[dict], path, frames: int, encode=None,
+def write_sample_gif(model: Backbone, items: list[dict], path, frames: int, encode=None,
                      guidance: float = 4.0, **sampling) -> Path | None:
     """Sample videos side by side in one GIF (a training run's progress picture): one video per
     conditioning item ({"caption"?, "label"?, "video"?: source of the first frames}), seeds 0, 1, ...

@@ -42,7 +42,7 @@ import torch
 from .cache import CacheBatch
 from .conditioning import Condition, Text, classifier_free_guidance
 from .diffusion import mix_seed
-from .model import CausalVideoDiT
+from .backbone import Backbone
 from .safefile import save_safetensors
 from .stepcache import StepCache, StepCacheConfig
 
@@ -80,7 +80,7 @@ def chunk_noise(seeds: list[int], chunk: int, shape: tuple, stream: int = 0, dty
 class SharedCache:
     """Ca2-VDM: a KV-cache queue written once per chunk, read by every denoising step."""
 
-    def __init__(self, model: CausalVideoDiT, batch: int, cond: Condition, cache_dtype=None):
+    def __init__(self, model: Backbone, batch: int, cond: Condition, cache_dtype=None):
         self.model, self.cond = model, cond
         self.cache = model.new_cache(batch, cache_dtype)
 
@@ -100,7 +100,7 @@ class SharedCache:
 class RecomputeFull:
     """The oracle: full-sequence masked forward over all frames so far at every step."""
 
-    def __init__(self, model: CausalVideoDiT, batch: int, cond: Condition, cache_dtype=None):
+    def __init__(self, model: Backbone, batch: int, cond: Condition, cache_dtype=None):
         self.model, self.cond = model, cond
         self.history = None  # (B, C, n, H, W) clean context frames
         self.start = 0       # absolute index of history[:, :, 0]
@@ -185,7 +185,7 @@ class StreamSession:
     (``kept``, from frame ``kept_start``): the cache holds only K/V, and a re-cache needs the frames.
     """
 
-    def __init__(self, model: CausalVideoDiT, first_frames: torch.Tensor | None = None, prompt: Text | None = None,
+    def __init__(self, model: Backbone, first_frames: torch.Tensor | None = None, prompt: Text | None = None,
                  negative_prompt: Text | None = None, labels=None, steps: int | None = None, guidance: float = 1.0,
                  seed: int | list[int] = 0, mode: str = "shared", batch: int | None = None,
                  context_noise: float = 0.0, cache_dtype: torch.dtype | None = None,
@@ -208,6 +208,8 @@ class StreamSession:
                 raise ValueError(f"this model starts from {p} given frame(s): first_frames must be {expected}, got {got}")
         elif first_frames is not None:
             raise ValueError("this model has prefix_frames=0 (a prompt alone starts the video); do not pass first_frames")
+        if step_cache is not None and "step-cache" not in model.features:
+            raise ValueError(f"step caching is not available for {type(model).__name__}; use no step cache")
         if step_cache is not None and mode != "shared":
             raise ValueError(f"step caching runs inside the cached loop: use mode='shared' (got {mode!r}), "
                              "or no step cache")
@@ -374,7 +376,7 @@ class StreamSession:
 
     def modulation(self, t: float, rows: int, frames: int) -> tuple[torch.Tensor, tuple | None]:
         """The (rows, frames) network-time tensor of time t and, outside autograd, the adaLN outputs
-        the model computes from it under this session's conditioning (``CausalVideoDiT.modulation``),
+        the model computes from it under this session's conditioning (``Backbone.modulation``),
         computed once per (t, rows, frames) and kept by the session: its levels repeat in every chunk
         and its write pass is always t = 0, so after the first chunk no call computes them. The times
         are made on the device (no host-to-device copy). Under autograd (a rollout's exit step) the
@@ -519,7 +521,8 @@ class StreamSession:
         the same model, sampler, dtypes, guidance on or off (video-to-video sources may enter the
         schedule at different steps). None: this session's next chunk runs alone (not the shared
         mode, a step cache, the given first frames, or ended)."""
-        if self.mode != "shared" or self.step_cache is not None or self.chunk == 0 or self.ended:
+        if (self.mode != "shared" or self.step_cache is not None or self.chunk == 0 or self.ended
+                or "batched-streams" not in self.model.features):
             return None
         m, c = self.model, self.engine.cache
         return (id(m), m.dtype, c.dtype, self.autocast, type(self.sampler).__name__,
@@ -561,7 +564,7 @@ class StreamSession:
         return save_safetensors(t, path, metadata={"stream": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path, model: CausalVideoDiT) -> "StreamSession":
+    def load(cls, path, model: Backbone) -> "StreamSession":
         """A stream written by ``save``, continued over ``model`` (which must have the saved config and
         dtype). A file that is not a saved stream, or one that does not fit the model, is a ValueError."""
         t, meta = _read_stream(path)

@@ -181,8 +181,10 @@ def upcast(dtype: torch.dtype) -> torch.dtype:
 def linear_in(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` computed in x's dtype (weights cast up, autocast off): the time embedding and
     the modulation stay in float32 (or float64) whatever the parameters are stored in."""
+    b = None if layer.bias is None else layer.bias.to(x.dtype)
+    if x.device.type not in ("cpu", "cuda"):  # no autocast there (meta tensors: the hot-path test)
+        return F.linear(x, layer.weight.to(x.dtype), b)
     with torch.autocast(x.device.type, enabled=False):
-        b = None if layer.bias is None else layer.bias.to(x.dtype)
         return F.linear(x, layer.weight.to(x.dtype), b)
 
 
@@ -489,7 +491,11 @@ class WanTransformer(nn.Module):
             self._freqs[dev] = [rope_frequencies(n).to(dev) for n in self.config.rope_dims]
         ft, fh, fw = self._freqs[dev]
         pos = lambda n: torch.arange(n, dtype=torch.float64, device=dev)  # noqa: E731
-        at = torch.tensor(list(frames), dtype=torch.float64, device=dev)[:, None] * ft  # (F, t/2)
+        if isinstance(frames, range) and frames.step == 1:  # made on the device: no host-to-device copy
+            idx = torch.arange(frames.start, frames.stop, dtype=torch.float64, device=dev)
+        else:
+            idx = torch.tensor(list(frames), dtype=torch.float64, device=dev)
+        at = idx[:, None] * ft  # (F, t/2)
         ah, aw = pos(h)[:, None] * fh, pos(w)[:, None] * fw  # (h, hd/2), (w, wd/2)
         Fr = at.shape[0]
         ang = torch.cat([at[:, None, None].expand(Fr, h, w, -1), ah[None, :, None].expand(Fr, h, w, -1),

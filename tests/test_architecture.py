@@ -17,7 +17,8 @@ FLOORS = {
     "assets": 0, "config": 0, "layout": 0, "cache": 0, "positions": 0, "diffusion": 0, "conditioning": 0,
     "layers": 0, "text": 0, "video": 0, "autoencoder": 0, "data": 0, "metrics": 0, "safefile": 0,
     # 1 — the models and their files on disk
-    "model": 1, "checkpoint": 1, "wan": 1, "wan_weights": 1,
+    "backbone": 0,
+    "model": 1, "checkpoint": 1, "wan": 1, "wan_weights": 1, "causal_wan": 1,
     # 2 — what runs the model: streams and generation, step caching, training (and the coming
     #     few-step distillation and serving)
     "stepcache": 2, "stream": 2, "generate": 2, "training": 2, "distill": 2, "serve": 2,
@@ -148,3 +149,22 @@ def test_the_reader_sees_relative_and_lazy_imports(tmp_path, source, expected):
     path = tmp_path / "fvd.py"
     path.write_text(source)
     assert _imports("ca2vdm.metrics.fvd", path) == expected
+
+
+BACKBONES = {"ca2vdm.model", "ca2vdm.wan", "ca2vdm.causal_wan", "ca2vdm.layers"}
+BACKBONE_CLASSES = {"CausalVideoDiT", "WanTransformer", "CausalWan"}
+ENGINE = ("ca2vdm.stream", "ca2vdm.stepcache", "ca2vdm.cache", "ca2vdm.generate", "ca2vdm.backbone")
+
+
+def test_the_engine_reaches_backbones_only_through_the_interface():
+    """The engine's modules import no concrete backbone (nor its layers) and never name one of its
+    classes (no isinstance test, no type hint): they talk to ``backbone.Backbone``. Break tried:
+    ``from .model import CausalVideoDiT`` back in stream.py."""
+    graph, wrong = _graph(), []
+    for name, path in _modules():
+        if name not in ENGINE:
+            continue
+        wrong += [f"{name} imports {t}" for t in graph[name] if t in BACKBONES]
+        named = {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}
+        wrong += [f"{name} names {c}" for c in sorted(named & BACKBONE_CLASSES)]
+    assert not wrong, "\n".join(wrong)

@@ -1,0 +1,216 @@
+"""Wan 2.1 run by the engine: a ``wan.WanTransformer`` as a ``backbone.Backbone``.
+
+``CausalWan`` owns the transformer, the frame size its streams generate at, and the flow schedule
+(Wan's timestep shift). It implements what the engine calls, from the transformer's pieces:
+
+* ``forward`` (the oracle): the block-causal full-sequence forward over frames [start, start + F);
+* ``forward_cached``: one chunk against a ``KVCache`` laid out (B, H, slots, S, d): every block
+  stages the chunk's rotated K/V after the window and attends to the contiguous view
+  [window ‖ chunk] (a chunk sees itself whole, as Wan's block-causal mask says); a write pass then
+  commits them into the ring (oldest frames evicted, no copy of the window);
+* ``fill_cache``: a re-cache, one block-causal forward over the kept frames whose K/V go into an
+  empty cache.
+
+Positions are absolute latent frame indices (RoPE angles in float64), so K/V written at frame n
+stay valid for every later chunk. The cache window is Wan's attention window less the chunk: with
+Self-Forcing's 21 latent frames and chunks of 3, the ring keeps 18 frames.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .cache import KVCache
+from .conditioning import Condition, Text
+from .diffusion import FlowMatching
+from .layout import ChunkLayout
+from .wan import WanConfig, WanTransformer, attention_groups
+
+
+@dataclass(frozen=True)
+class CausalWanConfig:
+    """The engine's view of a Wan model (see ``backbone``): the transformer's config, the latent
+    frame size streams are generated at, and the flow schedule's timestep shift."""
+
+    wan: WanConfig
+    frame_size: tuple = (60, 104)   # latent (H, W): 480 x 832 pixels through Wan's VAE (8x)
+    flow_shift: float = 5.0         # Self-Forcing's and CausVid's timestep shift
+    num_train_timesteps: int = 1000
+
+    prefix_frames = 0               # a prompt alone starts the video
+    conditioning = "text"
+    temporal = "causal"
+
+    def __post_init__(self):
+        object.__setattr__(self, "frame_size", tuple(int(s) for s in self.frame_size))
+        _, ph, pw = self.wan.patch_size
+        if len(self.frame_size) != 2 or self.frame_size[0] % ph or self.frame_size[1] % pw or min(self.frame_size) < 1:
+            raise ValueError(f"frame_size {self.frame_size} must be two positive sizes divisible by the patch "
+                             f"{ph}x{pw}")
+        if self.wan.sink_frames:
+            raise ValueError("sink frames are not run by the engine yet: use sink_frames=0")
+        if not self.flow_shift > 0:
+            raise ValueError(f"flow_shift must be positive, got {self.flow_shift}")
+
+    @property
+    def chunk_frames(self) -> int:
+        return self.wan.chunk_frames
+
+    @property
+    def max_context_frames(self) -> int:
+        """P_max: the frames a chunk attends to besides its own (Wan's window less the chunk)."""
+        return self.wan.max_context_frames - self.wan.chunk_frames
+
+    @property
+    def in_channels(self) -> int:
+        return self.wan.in_channels
+
+    @property
+    def depth(self) -> int:
+        return self.wan.num_layers
+
+    @property
+    def tokens(self) -> int:
+        _, ph, pw = self.wan.patch_size
+        return (self.frame_size[0] // ph) * (self.frame_size[1] // pw)
+
+    def to_dict(self) -> dict:
+        return {"family": "wan", "wan": self.wan.to_dict(), "frame_size": list(self.frame_size),
+                "flow_shift": self.flow_shift, "num_train_timesteps": self.num_train_timesteps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CausalWanConfig":
+        d = dict(d)
+        if d.pop("family", "wan") != "wan":
+            raise ValueError("not a Wan model config")
+        return cls(wan=WanConfig.from_dict(d.pop("wan")), **d)
+
+
+class CausalWan(nn.Module):
+    """A Wan transformer the engine runs chunk by chunk (``backbone.Backbone``). Not yet: several
+    streams in one batched forward, and step caching (``features`` is empty)."""
+
+    features = frozenset()
+
+    def __init__(self, config: CausalWanConfig, transformer: WanTransformer | None = None):
+        super().__init__()
+        self.config = config
+        self.transformer = WanTransformer(config.wan) if transformer is None else transformer
+        if self.transformer.config != config.wan:
+            raise ValueError("the transformer's config differs from the one given")
+        self.diffusion = FlowMatching(config.num_train_timesteps, config.flow_shift)
+        self.layout = ChunkLayout(0, config.chunk_frames, config.max_context_frames)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def require_causal(self, what: str) -> None:
+        """Always causal: chunk by chunk is what it runs."""
+
+    # -- conditioning ----------------------------------------------------------------------------
+    def condition(self, batch: int, text: Text | None = None, labels=None) -> Condition:
+        """Every block's text K/V of ``text`` (zero-padded to 512 positions, all attended); None:
+        the empty prompt, all 512 positions zero."""
+        if labels is not None:
+            raise ValueError("a Wan model is text-conditioned; it takes no class labels")
+        if text is None:
+            cfg = self.config.wan
+            text = torch.zeros(batch, 1, cfg.text_dim, dtype=self.dtype, device=self.device)
+        cond = self.transformer.condition(text)
+        if cond.batch != batch:
+            raise ValueError(f"text states are for batch {cond.batch}, expected {batch}")
+        return cond
+
+    def guided_condition(self, batch: int, text: Text | None = None, labels=None,
+                         negative: Text | None = None) -> Condition:
+        """The condition, then the negative prompt's (Wan's pipelines pass one; None: the empty prompt)."""
+        return Condition.cat(self.condition(batch, text, labels), self.condition(batch, negative))
+
+    def modulation(self, t, cond: Condition):
+        """(e, mod): the time embedding (B, F, D) and the shared modulation (B, F, 6, D) of times t."""
+        return self.transformer.modulation(t)
+
+    # -- the forwards ----------------------------------------------------------------------------
+    def _x0(self, x, out, t, x0: bool):
+        return self.diffusion.x0_from(x, out, t) if x0 else out
+
+    def _check(self, x, t, cond):
+        cfg = self.config
+        if x.dim() != 5 or x.shape[1] != cfg.in_channels or tuple(x.shape[3:]) != cfg.frame_size:
+            raise ValueError(f"video must be (B, {cfg.in_channels}, F, {cfg.frame_size[0]}, {cfg.frame_size[1]}), "
+                             f"got {tuple(x.shape)}")
+        if t.shape != x.shape[:1] + x.shape[2:3]:
+            raise ValueError(f"timesteps must be per frame, shape ({x.shape[0]}, {x.shape[2]}), got {tuple(t.shape)}")
+        return self.condition(x.shape[0]) if cond is None else cond
+
+    def forward(self, x, t, cond: Condition | None = None, start: int = 0, x0: bool = False):
+        """The oracle: frames [start, start + F) under Wan's block-causal mask (frames before
+        ``start`` absent), the flow velocity (B, C, F, H, W), or with ``x0`` the clean frames."""
+        cond = self._check(x, t, cond)
+        out = self.transformer(x, t, cond, mask="block-causal", frames=start)
+        return self._x0(x, out.to(x.dtype), t, x0)
+
+    def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty cache: per block a ring of P_max frames plus a chunk's staging slots, each frame
+        all S tokens' K/V, laid out (B, H, slots, S, d)."""
+        cfg = self.config
+        return KVCache(self.layout, cfg.depth, batch, cfg.tokens, cfg.wan.num_attention_heads,
+                       cfg.wan.attention_head_dim, dtype=dtype or self.dtype, device=self.device, frames_dim=2)
+
+    def forward_cached(self, x, t, cache: KVCache, cond: Condition | None = None, write: bool = False,
+                       return_hidden: bool = False, x0: bool = False, modulation=None):
+        """One chunk x (B, C, q, H, W) as the next frames after ``cache``: a denoising step, or with
+        ``write`` the clean write pass (K/V committed into the ring, nothing returned)."""
+        if return_hidden:
+            raise ValueError("return_hidden is not available for a Wan model (step caching reads the "
+                             "factorized model's blocks)")
+        cond = self._check(x, t, cond)
+        if cache.batch != x.shape[0]:
+            raise ValueError(f"cache is for batch {cache.batch}, video batch is {x.shape[0]}")
+        q = x.shape[2]
+        cache.check_chunk(q)
+        tr, (H, W) = self.transformer, self.config.frame_size
+        h = tr.tokens(x)
+        e, mod = tr.modulation(t) if modulation is None else modulation
+        rope = tr.rope(range(cache.frames_written, cache.frames_written + q), H, W)
+        for i, block in enumerate(tr.blocks):
+            h = block(h, mod, cond.kv[i], rope, None, lambda k, v, i=i: cache.stage(i, k, v))
+            if write:
+                cache.commit(i, q)
+        if write:
+            cache.advance(q)
+            return None
+        return self._x0(x, tr.head_output(h, e, H, W).to(x.dtype), t, x0)
+
+    def fill_cache(self, frames, cache: KVCache, cond: Condition | None = None, start: int = 0) -> None:
+        """Re-cache: clean frames [start, start + F) through one block-causal forward over them alone;
+        every block's K/V written into the empty ``cache``, which then continues after them."""
+        B, Fr = frames.shape[0], frames.shape[2]
+        t = torch.zeros(B, Fr, dtype=torch.float64, device=frames.device)
+        cond = self._check(frames, t, cond)
+        if cache.batch != B:
+            raise ValueError(f"cache is for batch {cache.batch}, video batch is {B}")
+        end = start + Fr
+        if self.layout.chunk_start(self.layout.chunk_of(end)) != end:
+            raise ValueError(f"a re-cache must end at a chunk boundary; frame {end} is not one")
+
+        def keep(i, k, v):
+            cache.fill(i, k, v, start)
+            return k, v
+
+        tr, (H, W) = self.transformer, self.config.frame_size
+        idx = list(range(start, end))
+        mask = tr.block_causal_mask(idx, idx)
+        groups = attention_groups(mask)
+        h = tr.tokens(frames)
+        _, mod = tr.modulation(t)
+        rope = tr.rope(idx, H, W)
+        for i, block in enumerate(tr.blocks):
+            h = block(h, mod, cond.kv[i], rope, groups, lambda k, v, i=i: keep(i, k, v))
+        cache.advance(end)

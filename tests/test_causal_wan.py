@@ -1,0 +1,178 @@
+"""The engine on a second backbone: a tiny random Wan 2.1 transformer (``causal_wan.CausalWan``)
+run chunk by chunk through the KV cache, against the independent sampler (``oracle.Oracle``: Wan's
+block-causal full-sequence forward at every step) in float64."""
+
+import gc
+
+import pytest
+import torch
+
+from ca2vdm import StreamSession
+from ca2vdm.backbone import Backbone
+from ca2vdm.causal_wan import CausalWan, CausalWanConfig
+from ca2vdm.conditioning import Text
+from ca2vdm.diffusion import FlowMatching
+from ca2vdm.generate import generate_video
+from ca2vdm.stream import next_chunks
+from ca2vdm.wan import WanConfig
+
+from oracle import Oracle
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEXT_DIM = 8
+TOL = 1e-9
+
+
+def wan(seed=0, window=6, chunk=2, **overrides) -> CausalWan:
+    """2 blocks, 2 heads of 16, 4 latent channels, 4x4 latent frames (4 tokens), 16 text positions;
+    chunks of 2 in a window of 6 (the ring keeps 4 frames). Every parameter perturbed, float64."""
+    cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=TEXT_DIM,
+                    freq_dim=16, ffn_dim=32, num_layers=2, text_len=16, chunk_frames=chunk, max_context_frames=window)
+    torch.manual_seed(seed)
+    model = CausalWan(CausalWanConfig(cfg, frame_size=(4, 4), **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.double().eval()
+
+
+def text(batch, tokens=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return Text(torch.randn(batch, tokens, TEXT_DIM, generator=g, dtype=torch.float64))
+
+
+def close(a, b):
+    return (a - b).abs().max().item() <= TOL * max(1.0, b.abs().max().item())
+
+
+def test_it_is_a_backbone_and_its_cache_holds_the_window_less_the_chunk():
+    model = wan()
+    assert isinstance(model, Backbone)
+    cfg = model.config
+    assert (cfg.chunk_frames, cfg.max_context_frames, cfg.prefix_frames, cfg.depth) == (2, 4, 0, 2)
+    cache = model.new_cache(2)
+    assert cache.k[0].shape == (2, 2, 4 + 2, 4, 16)  # (B, H, P_max + l, S, d)
+    assert cache.nbytes == cache.formula_bytes()
+
+
+@pytest.mark.parametrize("sampling", ["steps", "levels"])
+def test_shared_equals_the_block_causal_oracle_with_text_guidance_and_evictions(sampling):
+    """8 chunks through a ring of 4 frames (6 evictions), two videos, a prompt and a negative
+    prompt at guidance 3: every chunk of the cached stream equals the independent sampler's, with
+    Wan's flow schedule (shift 5) or Self-Forcing's few-step levels (x0 re-noised between levels),
+    and the recompute-full mode too. Breaks tried: RoPE of the cached chunk at frame 0 instead of
+    its absolute index; the write pass not committing block 1."""
+    model = wan()
+    kw = dict(steps=3) if sampling == "steps" else dict(levels=FlowMatching(shift=5.0).warped_levels(4))
+    prompt, negative = text(2), text(2, 3, seed=2)
+    shared = generate_video(model, 16, prompt=prompt, negative_prompt=negative, guidance=3.0, seed=[4, 9], **kw)
+    full = generate_video(model, 16, prompt=prompt, negative_prompt=negative, guidance=3.0, seed=[4, 9],
+                          mode="recompute-full", **kw)
+    oracle = Oracle(model, [4, 9], model.guided_condition(2, prompt, negative=negative), guidance=3.0, **kw)
+    want = torch.cat(oracle.run(8, first_chunk=1), dim=2)
+    assert close(shared, want) and close(full, want)
+    assert (shared[0] - shared[1]).abs().max() > 1e-3
+
+
+def test_a_prompt_switch_recaches_the_window_under_the_new_prompt():
+    """After 5 chunks (10 frames; the ring keeps frames 6-9) the prompt switches: the next chunks
+    equal the independent sampler whose context this test cuts to the last 4 frames. Break tried:
+    the re-cache's first frame shifted by 1 (its chunk boundaries move)."""
+    model = wan()
+    old, new = text(1), text(1, 4, seed=7)
+    s = StreamSession(model, prompt=old, steps=3, seed=5)
+    oracle = Oracle(model, [5], model.condition(1, old), steps=3)
+    for a, b in zip([s.next_chunk() for _ in range(5)], oracle.run(5, first_chunk=1)):
+        assert close(a, b)
+    s.set_prompt(new)
+    oracle.keep_last(4)
+    oracle.cond = model.condition(1, new)
+    assert oracle.start == 6
+    for a, b in zip([s.next_chunk() for _ in range(3)], oracle.run(3, first_chunk=6)):
+        assert close(a, b)
+
+
+def test_video_to_video_enters_the_schedule_at_its_strength():
+    model = wan()
+    prompt, g = text(1), torch.Generator().manual_seed(3)
+    source = torch.randn(1, 4, 2, 4, 4, generator=g, dtype=torch.float64)
+    s = StreamSession(model, prompt=prompt, steps=4, seed=2)
+    oracle = Oracle(model, [2], model.condition(1, prompt), steps=4)
+    s.next_chunk(), oracle.run(1, first_chunk=1)
+    got = s.next_chunk(source=source, strength=0.6)
+    first = s.start_step(0.6)
+    assert 0 < first < 4
+    want = oracle.chunk(2, 2, source=source, first_step=first)
+    assert close(got, want)
+
+
+def test_a_saved_stream_continues_bit_for_bit():
+    model = wan()
+    s = StreamSession(model, prompt=text(1), negative_prompt=text(1, 3, seed=2), guidance=2.0, steps=3, seed=1)
+    for _ in range(4):
+        s.next_chunk()
+    s.set_prompt(text(1, 6, seed=8))
+    path = s.save(__import__("tempfile").mkdtemp() + "/wan.safetensors")
+    want = torch.cat([s.next_chunk() for _ in range(3)], dim=2)
+    loaded = StreamSession.load(path, wan())
+    assert torch.equal(torch.cat([loaded.next_chunk() for _ in range(3)], dim=2), want)
+    with pytest.raises(ValueError, match="another config"):
+        StreamSession.load(path, wan(window=8))
+
+
+def test_memory_is_flat_over_100_chunks():
+    """The cache is preallocated and written in place: after the first chunks no tensor is added
+    and none grows (counted over every live tensor)."""
+    model = wan()
+    s = StreamSession(model, prompt=text(1), steps=2, seed=0)
+
+    def live_bytes():
+        gc.collect()
+        return sum(o.numel() * o.element_size() for o in gc.get_objects() if torch.is_tensor(o))
+
+    for _ in range(10):
+        s.next_chunk()
+    before, nbytes = live_bytes(), s.engine.nbytes
+    for _ in range(90):
+        s.next_chunk()
+    assert live_bytes() == before and s.engine.nbytes == nbytes and s.engine.cache.frames_written == 200
+
+
+def test_what_a_wan_model_cannot_do_yet_is_refused_or_run_alone():
+    """Step caching reads the factorized model's blocks: refused with a clear error. Two Wan
+    streams handed to next_chunks run one after the other, each as it would alone."""
+    model = wan()
+    with pytest.raises(ValueError, match="step caching is not available"):
+        StreamSession(model, prompt=text(1), steps=2, step_cache="fixed:1")
+    a, b = (StreamSession(model, prompt=text(1, seed=i), steps=2, seed=i) for i in (1, 2))
+    alone = [StreamSession(model, prompt=text(1, seed=i), steps=2, seed=i) for i in (1, 2)]
+    for _ in range(2):
+        got = next_chunks([a, b])
+        assert all(torch.equal(x, s.next_chunk()) for x, s in zip(got, alone))
+    with pytest.raises(ValueError, match="sink frames"):
+        CausalWanConfig(WanConfig(sink_frames=3))
+    with pytest.raises(ValueError, match="divisible by the patch"):
+        CausalWanConfig(WanConfig(), frame_size=(5, 8))
+
+
+def test_cached_steps_and_writes_stay_on_the_device():
+    """On ``meta`` tensors (no host sync can pass) under the hot-path watch (no host-to-device copy):
+    denoising calls and write passes through the window's evictions. Break tried: RoPE positions
+    built with torch.tensor(list(frames), device=...)."""
+    from test_hot_path import HostToDevice, meta
+
+    model = wan().to("meta")
+    cond = model.condition(2, Text(meta(2, 5, TEXT_DIM)))
+    cache = model.new_cache(2)
+    zeros = torch.zeros(2, 2, dtype=torch.float64, device="meta")
+    with torch.no_grad():
+        model.forward_cached(meta(2, 4, 2, 4, 4), zeros, cache, cond, write=True)  # first use: RoPE frequencies
+        for _ in range(4):
+            with HostToDevice() as watch:
+                t = torch.full((2, 2), 500.0, dtype=torch.float64, device="meta")
+                out = model.forward_cached(meta(2, 4, 2, 4, 4), t, cache, cond, x0=True)
+                model.forward_cached(meta(2, 4, 2, 4, 4), zeros, cache, cond, write=True)
+            assert watch.ops == [], f"host-to-device copies in the hot path: {watch.ops}"
+            assert out.shape == (2, 4, 2, 4, 4)
+    assert cache.frames_written == 10
