@@ -17,6 +17,7 @@ Self-Forcing's 21 latent frames and chunks of 3, the ring keeps 18 frames.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,7 @@ from .conditioning import Condition, Text
 from .diffusion import FlowMatching
 from .layout import ChunkLayout
 from .wan import WanConfig, WanTransformer, attention_groups
+from .wan_weights import load_wan
 
 
 @dataclass(frozen=True)
@@ -214,3 +216,20 @@ class CausalWan(nn.Module):
         for i, block in enumerate(tr.blocks):
             h = block(h, mod, cond.kv[i], rope, groups, lambda k, v, i=i: keep(i, k, v))
         cache.advance(end)
+
+
+def load_causal_wan(path, config: WanConfig | str | None = None, frame_size=(60, 104), flow_shift: float = 5.0,
+                    dtype: torch.dtype = torch.float32, device="cpu", **load_kwargs) -> CausalWan:
+    """A ``CausalWan`` from weights where users have them (``wan_weights.load_wan``: a diffusers
+    folder, or Wan's own layout as the causal checkpoints store it, a LoRA merged in), generating
+    latent frames of ``frame_size`` with the flow schedule's ``flow_shift``. ``config``: the
+    architecture of a file in Wan's own layout (a ``WanConfig``, a ``wan.PRESETS`` name or a diffusers
+    config.json). load_kwargs:
+    ``entry``, ``prefix``, ``lora``, ``lora_alpha``, ``lora_entry`` and the chunk settings
+    ``chunk_frames``, ``max_context_frames`` (Wan's window, the chunk included), ``text_len``."""
+    if isinstance(config, (str, Path)) and Path(config).is_file():  # a diffusers config.json
+        import json
+
+        config = WanConfig.from_diffusers(json.loads(Path(config).read_text()))
+    transformer = load_wan(path, config, dtype=dtype, device=device, **load_kwargs)
+    return CausalWan(CausalWanConfig(transformer.config, frame_size, flow_shift), transformer).eval()

@@ -23,8 +23,26 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .causal_wan import CausalWan, CausalWanConfig, load_causal_wan
 from .config import ModelConfig
 from .model import CausalVideoDiT
+
+# The network families a checkpoint may hold, by config.json's model.family (absent: "ca2vdm").
+FAMILIES = {"ca2vdm": (ModelConfig, CausalVideoDiT), "wan": (CausalWanConfig, CausalWan)}
+
+
+def build_model(section: dict) -> torch.nn.Module:
+    """The (randomly initialised) network a checkpoint's ``model`` section describes."""
+    family = section.get("family", "ca2vdm")
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    config_cls, model_cls = FAMILIES[family]
+    fields = {k: v for k, v in section.items() if k != "family"} if family == "ca2vdm" else section
+    try:
+        config = config_cls.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the checkpoint's model config is not valid: {e}") from e
+    return model_cls(config)
 
 
 DEFAULT_GUIDANCE = 4.0  # classifier-free guidance scale when neither the user nor the checkpoint names one
@@ -119,8 +137,7 @@ def load_tensors(file) -> dict[str, torch.Tensor]:
 def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = torch.float32) -> CausalVideoDiT:
     """Build the model from ``config.json`` and load ``model.safetensors`` (strict: every key, every shape)."""
     meta = read_config(path)
-    config = ModelConfig.from_dict(meta["model"])
-    model = CausalVideoDiT(config)
+    model = build_model(meta["model"])
     state = load_tensors(Path(path) / "model.safetensors")
     load_state(model, state, Path(path) / "model.safetensors")
     return model.to(device=device, dtype=dtype).eval()
@@ -199,5 +216,28 @@ def export_checkpoint(src, dst, dtype: torch.dtype = torch.float16, guidance: fl
     if levels is not None:
         model.diffusion.few_step_sampler(levels)  # refuses levels it could not sample
         extra["sampling"] = dict(extra.get("sampling", {}), levels=[float(s) for s in levels], steps=len(levels))
+    save_checkpoint(dst, model, extra, dtype=dtype)
+    return Path(dst)
+
+
+def export_wan(source, dst, config=None, frame_size=(60, 104), flow_shift: float = 5.0,
+               dtype: torch.dtype = torch.bfloat16, guidance: float | None = None, levels=None,
+               **load_kwargs) -> Path:
+    """Write a Wan-family model (``causal_wan.load_causal_wan``: a diffusers folder, or a causal
+    checkpoint in Wan's own layout with ``config``, a LoRA merged in) as this library's checkpoint
+    directory, cast to ``dtype``, recording the source and the recommended sampling (``levels``:
+    the few-step list it was distilled with; ``guidance``). ``load_checkpoint`` reads it back."""
+    model = load_causal_wan(source, config, frame_size, flow_shift, **load_kwargs)
+    extra = {"source": str(source), "exported_dtype": str(dtype).replace("torch.", "")}
+    sampling = {}
+    if levels is not None:
+        model.diffusion.few_step_sampler(levels)  # refuses levels it could not sample
+        sampling.update(levels=[float(s) for s in levels], steps=len(levels))
+    if guidance is not None:
+        if not guidance >= 0:
+            raise ValueError(f"the guidance scale must be >= 0 (1 = off), got {guidance}")
+        sampling["guidance"] = float(guidance)
+    if sampling:
+        extra["sampling"] = sampling
     save_checkpoint(dst, model, extra, dtype=dtype)
     return Path(dst)

@@ -23,6 +23,15 @@ def _levels(text):
         raise argparse.ArgumentTypeError(f"--levels takes comma-separated numbers, got {text!r}") from None
 
 
+def _size(text):
+    """--frame-size 60x104 -> (60, 104)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is HxW, e.g. 60x104; got {text!r}") from None
+    return h, w
+
+
 def _save(report: dict, json_path=None, plot_path=None, plot=None):
     """Write a report as JSON and / or a PNG drawn by ``plot`` (parent folders created)."""
     import json
@@ -320,7 +329,16 @@ def _export(args):
 
     from .checkpoint import export_checkpoint
 
-    out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype), args.guidance, args.levels)
+    if args.wan:
+        from .checkpoint import export_wan
+
+        chunk = {k: v for k, v in (("chunk_frames", args.chunk_frames), ("max_context_frames", args.window),
+                                   ("entry", args.entry), ("lora", args.lora), ("lora_alpha", args.lora_alpha))
+                 if v is not None}
+        out = export_wan(args.checkpoint, args.out, args.wan_config, args.frame_size, args.flow_shift,
+                         getattr(torch, args.dtype), args.guidance, args.levels, **chunk)
+    else:
+        out = export_checkpoint(args.checkpoint, args.out, getattr(torch, args.dtype), args.guidance, args.levels)
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({size / 2**20:.1f} MiB)")
 
@@ -500,9 +518,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "metadata; optimizer state and raw weights are left behind.")
     x.add_argument("checkpoint", help="checkpoint directory, e.g. runs/digits/checkpoint")
     x.add_argument("out", help="output directory, e.g. ca2vdm/assets/digits")
-    x.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    x.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="weights' dtype (default float16; bfloat16 for Wan models, trained in it)")
     x.add_argument("--guidance", type=float, help="record this guidance scale as the checkpoint's recommended one")
     x.add_argument("--levels", type=_levels, help="record these few-step noise levels as the checkpoint's sampling")
+    w = x.add_argument_group("Wan-family weights (--wan): CHECKPOINT is a diffusers WanTransformer3DModel folder "
+                             "or a causal checkpoint file in Wan's own layout (.safetensors, or .pt read with "
+                             "weights_only=True)")
+    w.add_argument("--wan", action="store_true", help="CHECKPOINT holds Wan-family weights")
+    w.add_argument("--wan-config", help="architecture of a file in Wan's own layout: a preset name "
+                                        "(wan2.1-t2v-1.3b, wan2.1-t2v-14b) or a diffusers config.json")
+    w.add_argument("--frame-size", type=_size, default=(60, 104), help="latent HxW to generate (default 60x104: "
+                                                                      "480x832 pixels)")
+    w.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
+    w.add_argument("--window", type=int, help="latent frames a chunk attends to, itself included (default 21)")
+    w.add_argument("--flow-shift", type=float, default=5.0, help="the flow schedule's timestep shift (default 5)")
+    w.add_argument("--entry", help="the state dict inside the file (default: generator_ema, else generator)")
+    w.add_argument("--lora", help="a LoRA file merged into the weights (LongLive)")
+    w.add_argument("--lora-alpha", type=float, help="the LoRA's alpha when the file stores none (LongLive: 256)")
     x.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="time shared / recompute-window / recompute-full generation",

@@ -176,3 +176,45 @@ def test_cached_steps_and_writes_stay_on_the_device():
             assert watch.ops == [], f"host-to-device copies in the hot path: {watch.ops}"
             assert out.shape == (2, 4, 2, 4, 4)
     assert cache.frames_written == 10
+
+
+def test_exported_from_both_layouts_it_loads_back_bitwise_and_generates(tmp_path):
+    """``ca2vdm export --wan``: from a diffusers folder and from a causal checkpoint in Wan's own
+    layout (``generator_ema`` entry, ``model.`` prefix, a .pt, its architecture from the folder's
+    config.json), written as this library's checkpoint: both read back by ``load_checkpoint`` equal
+    the transformer ``load_wan`` reads from the folder, bitwise, and a stream runs on them."""
+    from diffusers import WanTransformer3DModel
+
+    from ca2vdm.checkpoint import load_checkpoint, sampling_for
+    from ca2vdm.wan_weights import load_wan
+    from test_cli import ca2vdm
+    from test_wan import original_layout
+
+    cfg = wan().config.wan
+    torch.manual_seed(3)
+    ref = WanTransformer3DModel(**cfg.to_diffusers())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    ref.save_pretrained(tmp_path / "diffusers")
+    torch.save({"generator_ema": {f"model.{k}": v for k, v in original_layout(ref.state_dict()).items()}},
+               tmp_path / "causal.pt")
+    common = ["--wan", "--frame-size", "4x4", "--chunk-frames", "2", "--window", "6", "--dtype", "float32",
+              "--levels", "1,0.75,0.5"]
+    for src, out, extra in ((tmp_path / "diffusers", "a", []),
+                            (tmp_path / "causal.pt", "b", ["--wan-config", tmp_path / "diffusers" / "config.json"])):
+        r = ca2vdm("export", src, tmp_path / out, *common, *extra, timeout=None)
+        assert r.returncode == 0, r.stderr
+    want = load_wan(tmp_path / "diffusers", chunk_frames=2, max_context_frames=6, text_len=cfg.text_len)
+    for out in ("a", "b"):
+        got = load_checkpoint(tmp_path / out)
+        assert isinstance(got, CausalWan) and got.config.frame_size == (4, 4)
+        assert got.transformer.state_dict().keys() == want.state_dict().keys()
+        assert all(torch.equal(got.transformer.state_dict()[k], v) for k, v in want.state_dict().items())
+        assert sampling_for(tmp_path / out)["levels"] == [1.0, 0.75, 0.5]
+    s = StreamSession(got, prompt=Text(torch.randn(1, 3, TEXT_DIM)), **sampling_for(tmp_path / "b"))
+    assert s.next_chunk().shape == (1, 4, 2, 4, 4)
+    from ca2vdm.checkpoint import export_wan
+    with pytest.raises(ValueError, match="without a config"):
+        export_wan(tmp_path / "causal.pt", tmp_path / "c", frame_size=(4, 4))
+    assert not (tmp_path / "c").exists()
