@@ -316,13 +316,17 @@ class CacheBatch:
     def rows(self, rows):
         raise RuntimeError("a batch of caches runs whole (step caching runs one stream at a time)")
 
+    def window_lens(self) -> torch.Tensor:
+        """(rows,) each row's valid window length, made on the device (a fill, not a copy of a list)."""
+        dev = self.caches[0].k[0].device
+        return torch.cat([torch.full((c.batch,), c.window_len, device=dev) for c in self.caches])
+
     def attention_mask(self, q: int) -> torch.Tensor:
         """(rows * S, 1, q, P_max + q) bool: row r's query i sees its window and its chunk up to frame i."""
         key = (q, tuple(c.window_len for c in self.caches))
         if key not in self._masks:
             dev = self.caches[0].k[0].device
-            # per-row window lengths made on the device (a fill, not a host-to-device copy of a list)
-            n = torch.cat([torch.full((c.batch,), c.window_len, device=dev) for c in self.caches])[:, None, None]
+            n = self.window_lens()[:, None, None]
             j = torch.arange(self.capacity + q, device=dev)[None, None, :]
             i = torch.arange(q, device=dev)[None, :, None]
             mask = (j < n) | ((j >= n) & (j <= n + i))  # (rows, q, L)
@@ -335,7 +339,7 @@ class CacheBatch:
         values that ``attention_mask`` goes with."""
         if torch.is_grad_enabled():
             raise RuntimeError("a batch of caches is for generation; run it under torch.no_grad()")
-        end = self.capacity + k.shape[3]
+        end = self.capacity + k.shape[self.caches[0].dim]
         for c, kc, vc in zip(self.caches, k.split(self.splits), v.split(self.splits)):
             c.stage(block, kc, vc)
         return (torch.cat([c.slots(c.k[block], 0, end) for c in self.caches]),

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .cache import KVCache
+from .cache import CacheBatch, KVCache
 from .conditioning import Condition, Text
 from .diffusion import FlowMatching
 from .layout import ChunkLayout
@@ -90,10 +90,11 @@ class CausalWanConfig:
 
 
 class CausalWan(nn.Module):
-    """A Wan transformer the engine runs chunk by chunk (``backbone.Backbone``). Not yet: several
-    streams in one batched forward, and step caching (``features`` is empty)."""
+    """A Wan transformer the engine runs chunk by chunk (``backbone.Backbone``), also several streams
+    at different frames as one batched forward (a ``CacheBatch``). Not available: step caching (its
+    policies read the factorized block's temporal-attention residual)."""
 
-    features = frozenset()
+    features = frozenset({"batched-streams"})
 
     def __init__(self, config: CausalWanConfig, transformer: WanTransformer | None = None):
         super().__init__()
@@ -180,9 +181,18 @@ class CausalWan(nn.Module):
         tr, (H, W) = self.transformer, self.config.frame_size
         h = tr.tokens(x)
         e, mod = tr.modulation(t) if modulation is None else modulation
-        rope = tr.rope(range(cache.frames_written, cache.frames_written + q), H, W)
+        mask = None
+        if isinstance(cache, CacheBatch):  # streams at different frames: positions per row, a key mask
+            ropes = [tr.rope(range(c.frames_written, c.frames_written + q), H, W) for c in cache.caches]
+            rope = tuple(torch.cat([r[j].expand(c.batch, *r[j].shape) for r, c in zip(ropes, cache.caches)])
+                         for j in range(2))  # each (rows, q, S, 1, d/2)
+            S, slots = h.shape[2], cache.capacity + q
+            key_frame = torch.arange(slots * S, device=h.device) // S  # the slot of every key token
+            mask = (key_frame[None] < (cache.window_lens() + q)[:, None])[:, None, None]  # (rows, 1, 1, L*S)
+        else:
+            rope = tr.rope(range(cache.frames_written, cache.frames_written + q), H, W)
         for i, block in enumerate(tr.blocks):
-            h = block(h, mod, cond.kv[i], rope, None, lambda k, v, i=i: cache.stage(i, k, v))
+            h = block(h, mod, cond.kv[i], rope, mask, lambda k, v, i=i: cache.stage(i, k, v))
             if write:
                 cache.commit(i, q)
         if write:

@@ -766,8 +766,11 @@ def _batched_chunk(sessions: list[StreamSession], sources: list, strengths: list
     return [r.x for r in runs]
 
 
-def _cat_modulation(mods: list) -> tuple | None:
-    """Several sessions' ``modulation`` outputs (c, [per-block outputs]) stacked along the rows."""
+def _cat_modulation(mods: list):
+    """Several sessions' ``modulation`` outputs (tensors, or tuples and lists of them, as the backbone
+    makes them) stacked along the rows; None when any is None."""
     if any(m is None for m in mods):
         return None
-    return torch.cat([c for c, _ in mods]), [torch.cat(parts) for parts in zip(*[m for _, m in mods])]
+    if torch.is_tensor(mods[0]):
+        return torch.cat(mods)
+    return type(mods[0])(_cat_modulation(list(parts)) for parts in zip(*mods))

@@ -281,11 +281,12 @@ class SelfAttention(nn.Module):
     def attend(self, q, k, v, groups=None):
         """q (B, H, Fq, S, d) against k, v (B, H, Fk, S, d) -> (B, Fq, S, D), output projection
         applied. ``groups`` (``attention_groups``): which key frames each run of query frames sees;
-        None: all of them."""
+        None: all of them; a boolean tensor: a token mask broadcastable to (B, H, Fq*S, Fk*S) (streams
+        of one batch whose windows differ in length)."""
         B, H, Fq, S, d = q.shape
         k, v = k.to(q.dtype), v.to(q.dtype)
-        if groups is None:
-            out = attend(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3)).view(B, H, Fq, S, d)
+        if groups is None or isinstance(groups, torch.Tensor):
+            out = attend(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), groups).view(B, H, Fq, S, d)
         else:
             parts = []
             for q0, q1, keys in groups:

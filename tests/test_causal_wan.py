@@ -139,21 +139,60 @@ def test_memory_is_flat_over_100_chunks():
     assert live_bytes() == before and s.engine.nbytes == nbytes and s.engine.cache.frames_written == 200
 
 
-def test_what_a_wan_model_cannot_do_yet_is_refused_or_run_alone():
-    """Step caching reads the factorized model's blocks: refused with a clear error. Two Wan
-    streams handed to next_chunks run one after the other, each as it would alone."""
+def test_batched_streams_at_different_frames_give_what_each_gives_alone():
+    """Four streams joined at different rounds (windows of different lengths, one past an
+    eviction), other prompts, seeds, guidance scales and batch sizes, one doing video-to-video:
+    ``next_chunks`` runs the guided ones as one forward (per-row RoPE, a key mask per row) and each
+    equals itself run alone (float64). Breaks tried: one RoPE for every row (the first stream's
+    frames); the key mask admitting the whole ring."""
+    model = wan()
+    specs = [dict(guidance=3.0, seed=1), dict(guidance=2.0, seed=2, batch=2), dict(guidance=4.0, seed=3),
+             dict(guidance=1.0, seed=4)]
+    joins, lead = [0, 1, 3, 0], [0, 3, 1, 0]  # the round each joins; chunks each ran alone before
+    source = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+
+    def session(j):
+        b = specs[j].get("batch", 1)
+        kw = {k: v for k, v in specs[j].items() if k != "batch"}
+        negative = text(b, 3, seed=20 + j) if kw["guidance"] != 1.0 else None
+        return StreamSession(model, prompt=text(b, 3 + j, seed=10 + j), negative_prompt=negative, steps=3,
+                             seed=[kw["seed"] + i for i in range(b)], guidance=kw["guidance"])
+
+    def play(batched):
+        sessions = [session(j) for j in range(4)]
+        out = [[s.next_chunk() for _ in range(n)] for s, n in zip(sessions, lead)]  # alone first: offsets change
+        for r in range(5):
+            live = [j for j in range(4) if joins[j] <= r]
+            srcs = [source if j == 2 else None for j in live]
+            sts = [0.5 if j == 2 else None for j in live]
+            got = (next_chunks([sessions[j] for j in live], srcs, sts) if batched else
+                   [sessions[j].next_chunk(source=x, strength=st) for j, x, st in zip(live, srcs, sts)])
+            for j, x in zip(live, got):
+                out[j].append(x)
+        return out
+
+    rows = []
+    hook = model.transformer.blocks[0].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    alone = play(False)
+    solo = max(rows)
+    rows.clear()
+    together = play(True)
+    hook.remove()
+    assert max(rows) > solo  # one forward held several streams' rows
+    for a, b in zip(alone, together):
+        assert len(a) == len(b) and all(close(x, y) for x, y in zip(b, a))
+
+
+def test_what_a_wan_model_cannot_do_is_refused_with_its_reason():
     model = wan()
     with pytest.raises(ValueError, match="step caching is not available"):
         StreamSession(model, prompt=text(1), steps=2, step_cache="fixed:1")
-    a, b = (StreamSession(model, prompt=text(1, seed=i), steps=2, seed=i) for i in (1, 2))
-    alone = [StreamSession(model, prompt=text(1, seed=i), steps=2, seed=i) for i in (1, 2)]
-    for _ in range(2):
-        got = next_chunks([a, b])
-        assert all(torch.equal(x, s.next_chunk()) for x, s in zip(got, alone))
     with pytest.raises(ValueError, match="sink frames"):
         CausalWanConfig(WanConfig(sink_frames=3))
     with pytest.raises(ValueError, match="divisible by the patch"):
         CausalWanConfig(WanConfig(), frame_size=(5, 8))
+    with pytest.raises(ValueError, match="class labels"):
+        model.condition(1, labels=torch.tensor([1]))
 
 
 def test_cached_steps_and_writes_stay_on_the_device():
