@@ -43,6 +43,7 @@ class CausalWanConfig:
     prefix_frames = 0               # a prompt alone starts the video
     conditioning = "text"
     temporal = "causal"
+    positions = "rope"              # (training draws no cyclic-table shift)
 
     def __post_init__(self):
         object.__setattr__(self, "frame_size", tuple(int(s) for s in self.frame_size))
@@ -71,6 +72,11 @@ class CausalWanConfig:
     @property
     def depth(self) -> int:
         return self.wan.num_layers
+
+    @property
+    def layout(self) -> ChunkLayout:
+        """Chunks of ``chunk_frames`` from frame 0, each attending to the P_max frames before it."""
+        return ChunkLayout(0, self.chunk_frames, self.max_context_frames)
 
     @property
     def tokens(self) -> int:
@@ -103,7 +109,7 @@ class CausalWan(nn.Module):
         if self.transformer.config != config.wan:
             raise ValueError("the transformer's config differs from the one given")
         self.diffusion = FlowMatching(config.num_train_timesteps, config.flow_shift)
-        self.layout = ChunkLayout(0, config.chunk_frames, config.max_context_frames)
+        self.layout = config.layout
 
     @property
     def dtype(self) -> torch.dtype:
@@ -158,6 +164,45 @@ class CausalWan(nn.Module):
         cond = self._check(x, t, cond)
         out = self.transformer(x, t, cond, mask="block-causal", frames=start)
         return self._x0(x, out.to(x.dtype), t, x0)
+
+    def target(self, x0, noise, level):
+        """What the network output is trained towards for frames noised to ``level`` (B, F): the
+        flow velocity noise - x0."""
+        return self.diffusion.target(x0, noise, level)
+
+    def all_chunks_mask(self, frames: int, device=None) -> torch.Tensor:
+        """(2F, 2F) frame mask of [clean frames 0..F-1 || noisy copies of them]: clean frames under
+        Wan's block-causal mask; the noisy copy of a frame in chunk k sees the clean frames of chunk
+        k's window (the P_max before it) and its own noisy chunk whole, exactly what the cached
+        denoising step of chunk k sees; clean frames never see noisy ones (Self-Forcing's teacher
+        forcing)."""
+        idx = list(range(frames))
+        clean = self.transformer.block_causal_mask(idx, idx, device)
+        chunk = torch.arange(frames, device=device) // self.config.chunk_frames
+        before = torch.arange(frames, device=device)[None] < (chunk * self.config.chunk_frames)[:, None]
+        out = torch.zeros(2 * frames, 2 * frames, dtype=torch.bool, device=device)
+        out[:frames, :frames] = clean
+        out[frames:, :frames] = clean & before
+        out[frames:, frames:] = chunk[:, None] == chunk[None]
+        return out
+
+    def forward_all_chunks(self, context, noisy, t_noisy, cond: Condition | None = None, tpe_shift: int = 0,
+                           return_hidden: bool = False, x0: bool = False):
+        """All chunks at once: clean frames context (B, C, F, H, W) (told time 0) and noisy copies of
+        every one of them, noisy (B, C, F, H, W) at times t_noisy (B, F), each copy at its clean
+        frame's RoPE position, under ``all_chunks_mask``: the prediction for the noisy frames, each
+        chunk's equal to what its cached denoising step computes."""
+        if tpe_shift or return_hidden:
+            raise ValueError("a Wan model has RoPE positions (no cyclic shift) and no hidden-state taps")
+        B, C, Fr = context.shape[:3]
+        if noisy.shape != context.shape:
+            raise ValueError(f"noisy copies must cover every context frame: expected {tuple(context.shape)}, "
+                             f"got {tuple(noisy.shape)}")
+        x = torch.cat([context, noisy], dim=2)
+        t = torch.cat([t_noisy.new_zeros(B, Fr), t_noisy], dim=1)
+        cond = self._check(x, t, cond)
+        out = self.transformer(x, t, cond, mask=self.all_chunks_mask(Fr, x.device), frames=list(range(Fr)) * 2)
+        return self._x0(noisy, out[:, :, Fr:].to(x.dtype), t_noisy, x0)
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache: per block a ring of P_max frames plus a chunk's staging slots, each frame

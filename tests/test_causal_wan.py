@@ -257,3 +257,29 @@ def test_exported_from_both_layouts_it_loads_back_bitwise_and_generates(tmp_path
     with pytest.raises(ValueError, match="without a config"):
         export_wan(tmp_path / "causal.pt", tmp_path / "c", frame_size=(4, 4))
     assert not (tmp_path / "c").exists()
+
+
+def test_all_chunks_at_once_is_what_each_cached_denoising_step_sees():
+    """Self-Forcing's teacher forcing on Wan: one forward over [clean clip || noisy copies] (5 chunks
+    of 2 through a ring of 4: evictions) predicts for every noisy chunk what the cached denoising
+    step of that chunk computes after the clean chunks before it were written (float64); the
+    training loss runs on it. Break tried: noisy copies seeing their own clean frames."""
+    from ca2vdm.training.losses import all_chunks_loss
+
+    model = wan()
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randn(2, 4, 10, 4, 4, generator=g, dtype=torch.float64)
+    noisy = torch.randn(2, 4, 10, 4, 4, generator=g, dtype=torch.float64)
+    t = (torch.rand(2, 5, generator=g, dtype=torch.float64) * 1000).repeat_interleave(2, dim=1)
+    cond = model.condition(2, text(2))
+    with torch.no_grad():
+        together = model.forward_all_chunks(clean, noisy, t, cond)
+        cache = model.new_cache(2)
+        for k in range(5):
+            s = slice(2 * k, 2 * k + 2)
+            step = model.forward_cached(noisy[:, :, s], t[:, s], cache, cond)
+            assert close(together[:, :, s], step), k
+            model.forward_cached(clean[:, :, s], torch.zeros(2, 2, dtype=torch.float64), cache, cond, write=True)
+    loss = all_chunks_loss(model, clean, cond, torch.Generator().manual_seed(1))
+    loss.backward()
+    assert torch.isfinite(loss) and model.transformer.blocks[0].self_attn.q.weight.grad is not None
