@@ -283,3 +283,28 @@ def test_all_chunks_at_once_is_what_each_cached_denoising_step_sees():
     loss = all_chunks_loss(model, clean, cond, torch.Generator().manual_seed(1))
     loss.backward()
     assert torch.isfinite(loss) and model.transformer.blocks[0].self_attn.q.weight.grad is not None
+
+
+@pytest.mark.parametrize("rollout", ["self", "diffusion-forcing"])
+def test_dmd_runs_on_wan_student_teacher_and_critic(rollout):
+    """CausVid / Self-Forcing distillation on the Wan backbone: the student rolls out through its
+    own cache (or denoises noised clips in one causal pass), the guided teacher's real score and the
+    critic's fake score run in the all-chunks layout; a few iterations change the student and the
+    critic and leave the teacher as it was."""
+    from ca2vdm.distill import DMD, DMDConfig, VideoDMD
+
+    teacher, student, critic = (wan(seed).float() for seed in (0, 1, 0))
+    student.train(), critic.train(), teacher.requires_grad_(False)
+    items = [{"caption": f"clip {i}", "video": torch.randn(4, 6, 4, 4, generator=torch.Generator().manual_seed(i))}
+             for i in range(4)]
+    encode = lambda captions: Text(torch.randn(len(captions), 3, TEXT_DIM))  # noqa: E731
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in
+              (("teacher", teacher), ("student", student), ("critic", critic))}
+    problem = VideoDMD(student, teacher, critic, [1.0, 0.75, 0.5], frames=6, batch=2, items=lambda i: items[i],
+                       pool=4, encode=encode, guidance=2.0, rollout=rollout)
+    run = DMD(student, critic, problem.problem(), DMDConfig(ratio=2, generator_lr=1e-3))
+    rows = [run.step() for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(r["critic_loss"])) for r in rows)
+    changed = lambda name, m: max((m.state_dict()[k] - v).abs().max().item() for k, v in before[name].items())  # noqa: E731
+    assert changed("student", student) > 1e-5 and changed("critic", critic) > 1e-6
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in before["teacher"].items())
