@@ -36,7 +36,8 @@ class Backbone(Protocol):
 
     config: object      # the engine's view, see the module docstring
     diffusion: object   # the noise schedule and its samplers (``diffusion.FlowMatching`` / ``DDPM``)
-    features: frozenset  # what else the engine may ask: "batched-streams" (``CacheBatch``), "step-cache"
+    features: frozenset  # what else may be asked: "batched-streams" (``CacheBatch``), "step-cache",
+                         # "grad-checkpointing" (training)
 
     @property
     def dtype(self) -> torch.dtype: ...

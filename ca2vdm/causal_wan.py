@@ -141,6 +141,12 @@ class CausalWan(nn.Module):
         """The condition, then the negative prompt's (Wan's pipelines pass one; None: the empty prompt)."""
         return Condition.cat(self.condition(batch, text, labels), self.condition(batch, negative))
 
+    @property
+    def null_text(self) -> torch.Tensor:
+        """(1, text_dim) zeros: the empty prompt (every position of its K/V from zero states), what a
+        dropped caption becomes in training."""
+        return torch.zeros(1, self.config.wan.text_dim, dtype=self.dtype, device=self.device)
+
     def modulation(self, t, cond: Condition):
         """(e, mod): the time embedding (B, F, D) and the shared modulation (B, F, 6, D) of times t."""
         return self.transformer.modulation(t)
@@ -158,9 +164,12 @@ class CausalWan(nn.Module):
             raise ValueError(f"timesteps must be per frame, shape ({x.shape[0]}, {x.shape[2]}), got {tuple(t.shape)}")
         return self.condition(x.shape[0]) if cond is None else cond
 
-    def forward(self, x, t, cond: Condition | None = None, start: int = 0, x0: bool = False):
+    def forward(self, x, t, cond: Condition | None = None, start: int = 0, x0: bool = False, tpe_shift: int = 0):
         """The oracle: frames [start, start + F) under Wan's block-causal mask (frames before
-        ``start`` absent), the flow velocity (B, C, F, H, W), or with ``x0`` the clean frames."""
+        ``start`` absent), the flow velocity (B, C, F, H, W), or with ``x0`` the clean frames. (RoPE:
+        there is no cyclic table to shift, ``tpe_shift`` must be 0.)"""
+        if tpe_shift:
+            raise ValueError("a Wan model has RoPE positions: there is no cyclic table to shift")
         cond = self._check(x, t, cond)
         out = self.transformer(x, t, cond, mask="block-causal", frames=start)
         return self._x0(x, out.to(x.dtype), t, x0)

@@ -31,18 +31,28 @@ from .model import CausalVideoDiT
 FAMILIES = {"ca2vdm": (ModelConfig, CausalVideoDiT), "wan": (CausalWanConfig, CausalWan)}
 
 
-def build_model(section: dict) -> torch.nn.Module:
-    """The (randomly initialised) network a checkpoint's ``model`` section describes."""
+def model_config(section: dict):
+    """The config object a checkpoint's (or a run config's) ``model`` section describes, by its
+    ``family`` (absent: this library's ``ModelConfig``); a clear error when it is not valid."""
     family = section.get("family", "ca2vdm")
     if family not in FAMILIES:
         raise CheckpointError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
-    config_cls, model_cls = FAMILIES[family]
+    config_cls = FAMILIES[family][0]
     fields = {k: v for k, v in section.items() if k != "family"} if family == "ca2vdm" else section
     try:
-        config = config_cls.from_dict(fields)
+        return config_cls.from_dict(fields)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"the checkpoint's model config is not valid: {e}") from e
-    return model_cls(config)
+        raise CheckpointError(f"the model config is not valid: {e}") from e
+
+
+def build_model(config) -> torch.nn.Module:
+    """A randomly initialised network of ``config`` (a config object, or a ``model`` section)."""
+    if isinstance(config, dict):
+        config = model_config(config)
+    for config_cls, model_cls in FAMILIES.values():
+        if isinstance(config, config_cls):
+            return model_cls(config)
+    raise TypeError(f"no model family takes a {type(config).__name__}")
 
 
 DEFAULT_GUIDANCE = 4.0  # classifier-free guidance scale when neither the user nor the checkpoint names one

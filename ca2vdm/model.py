@@ -38,7 +38,7 @@ from .positions import CyclicTPE, RoPE, sincos_2d
 class CausalVideoDiT(nn.Module):
     """Causal spatio-temporal DiT for autoregressive chunk-by-chunk video diffusion."""
 
-    features = frozenset({"batched-streams", "step-cache"})  # what the engine may ask of it (``backbone``)
+    features = frozenset({"batched-streams", "step-cache", "grad-checkpointing"})  # what the engine may ask of it (``backbone``)
 
     def __init__(self, config: ModelConfig):
         super().__init__()

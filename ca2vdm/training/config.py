@@ -8,6 +8,7 @@ name as an alias (``RENAMED``), so older run configs and checkpoints still read.
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..checkpoint import model_config
 from ..config import ModelConfig, coerce_fields
 
 RENAMED = {"prefix_noise": "context_noise"}  # old TrainConfig key -> current key
@@ -112,6 +113,6 @@ def load_run_config(path, overrides: list[str] = ()) -> dict:
     unknown = sorted(set(cfg) - {"model", "data", "train", "out_dir"})
     if unknown:
         raise ValueError(f"{path}: unknown sections {', '.join(unknown)} (expected model, data, train, out_dir)")
-    ModelConfig.from_dict(cfg.get("model", {}))
+    model_config(cfg.get("model", {}))
     TrainConfig.from_dict(cfg.get("train", {}))
     return cfg

@@ -17,12 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_state, load_tensors, read_config, save_checkpoint
+from ..checkpoint import (CheckpointError, build_model, load_state, load_tensors, model_config, read_config,
+                          save_checkpoint)
 from ..conditioning import Text
-from ..config import ModelConfig
 from ..data import build_dataset
 from ..diffusion import mix_seed
-from ..model import CausalVideoDiT
 from .config import TrainConfig
 from .losses import Draws, Objective, clip_frames, prefix_choices
 from .optim import EMA, load_optimizer, lr_at, optimizer_tensors
@@ -60,7 +59,7 @@ class Trainer:
     rank 0 alone logs, validates and saves.
     """
 
-    def __init__(self, model_cfg: ModelConfig, tc: TrainConfig, dataset, val_dataset=None, text_encoder=None,
+    def __init__(self, model_cfg, tc: TrainConfig, dataset, val_dataset=None, text_encoder=None,
                  out_dir=None, device="cpu", extra_meta: dict | None = None):
         self.tc, self.device = tc, torch.device(device)
         self.rank, self.world = _distributed()
@@ -68,7 +67,9 @@ class Trainer:
             raise ValueError(f"TrainConfig.batch_size={tc.batch_size} (the global batch) must be divisible by the "
                              f"{self.world} processes")
         torch.manual_seed(tc.seed)
-        self.model = CausalVideoDiT(model_cfg).to(self.device).train()
+        self.model = build_model(model_cfg).to(self.device).train()
+        if tc.grad_checkpointing and "grad-checkpointing" not in self.model.features:
+            raise ValueError(f"train.grad_checkpointing is not available for {type(self.model).__name__}")
         self.model.grad_checkpointing = tc.grad_checkpointing
         self.objective = Objective(self.model, tc.layout, tc.context_noise)
         if self.world > 1:
@@ -189,9 +190,9 @@ class Trainer:
         return sum(losses) / n
 
     # -- checkpoints --------------------------------------------------------------------------
-    def ema_model(self) -> CausalVideoDiT:
+    def ema_model(self) -> nn.Module:
         """A new model (on the CPU) holding the EMA weights."""
-        model = CausalVideoDiT(self.model.config)
+        model = build_model(self.model.config)
         self.ema.copy_to(model)
         return model
 
@@ -214,7 +215,7 @@ class Trainer:
 
     def resume(self, path):
         meta = read_config(path)
-        if ModelConfig.from_dict(meta["model"]) != self.model.config:
+        if model_config(meta["model"]) != self.model.config:
             raise CheckpointError(f"{path} was trained with a different model config")
         ema_state = load_tensors(Path(path) / "model.safetensors")
         tensors = load_tensors(Path(path) / "train.safetensors")
@@ -341,7 +342,7 @@ def train_from_config(cfg: dict, resume: bool = True, log=print) -> Trainer:
     Under ``torchrun --nproc_per_node N`` every process runs this; rank 0 alone writes."""
     import yaml
 
-    model_cfg = ModelConfig.from_dict(cfg.get("model", {}))
+    model_cfg = model_config(cfg.get("model", {}))
     tc = TrainConfig.from_dict(cfg.get("train", {}))
     out_dir = Path(cfg.get("out_dir", "runs/default"))
     frames = clip_frames(model_cfg)
