@@ -2,11 +2,13 @@
 
 The public API at the top level; every concept lives in the module named after it (see
 docs/ARCHITECTURE.md): ``config``, ``layout``, ``cache``, ``positions``, ``diffusion``, ``layers``,
-``conditioning``, ``model``, ``stepcache``, ``stream``, ``generate``, ``training``, ``distill``,
-``metrics``, ``eval``, ``bench``.
+``conditioning``, ``backbone``, ``model``, ``wan`` / ``causal_wan`` (Wan 2.1), ``stepcache``, ``stream``,
+``generate``, ``training``, ``distill``, ``metrics``, ``eval``, ``bench``.
 """
 
+from .backbone import Backbone
 from .cache import CacheBatch, KVCache
+from .causal_wan import CausalWan, CausalWanConfig, load_causal_wan
 from .conditioning import Condition, Text
 from .config import ModelConfig
 from .diffusion import DDPM, FlowMatching, make_diffusion
@@ -14,8 +16,10 @@ from .layout import ChunkLayout
 from .model import CausalVideoDiT
 from .stepcache import StepCache, StepCacheConfig
 from .stream import GenerationStats, StreamSession, next_chunks
+from .wan import WanConfig, WanTransformer
 
 __version__ = "0.1.0"
 __all__ = ["CausalVideoDiT", "ModelConfig", "Text", "Condition", "KVCache", "ChunkLayout",
            "FlowMatching", "DDPM", "make_diffusion", "StepCache", "StepCacheConfig", "StreamSession",
-           "GenerationStats", "next_chunks", "CacheBatch"]
+           "GenerationStats", "next_chunks", "CacheBatch", "Backbone", "CausalWan", "CausalWanConfig",
+           "load_causal_wan", "WanConfig", "WanTransformer"]
