@@ -162,6 +162,15 @@ class KVCache:
             self.pv[block][:, :, dst:dst + length] = v[:, :, src:src + length]
 
     # -- re-cache: the whole window at once ------------------------------------------------------
+    def check_fill(self, batch: int, start: int, frames: int) -> None:
+        """Check that a re-cache of ``batch`` rows, clean frames [start, start + frames), fits this
+        cache: the same batch, and the frames end at a chunk boundary."""
+        if self.batch != batch:
+            raise ValueError(f"cache is for batch {self.batch}, video batch is {batch}")
+        end = start + frames
+        if self.layout.chunk_start(self.layout.chunk_of(end)) != end:
+            raise ValueError(f"a re-cache must end at a chunk boundary; frame {end} is not one")
+
     def fill(self, block: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Write the K/V (F frames on the frames axis) of clean frames [start, start + F), computed together by one
         masked forward (a re-cache), into the ring: frame n to slot n mod P_max, only the last P_max
