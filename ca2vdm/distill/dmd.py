@@ -23,7 +23,7 @@ also one that is not a multiple of ``ratio``, continues exactly as if it had not
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import torch
@@ -223,8 +223,10 @@ class DMD:
                 "cpu_minutes": repr(self.cpu_minutes)}
         save_safetensors(self.state_tensors(), path, meta)
 
-    def load(self, path) -> None:
-        """Resume from ``save``'s file: weights, EMA, optimizer moments and the iteration."""
+    def load(self, path) -> list[str]:
+        """Resume from ``save``'s file: weights, EMA, optimizer moments, the iteration and the run's
+        own settings (the ``DMDConfig`` saved with it, which wins over this object's: a resumed run
+        continues the run that was saved). Returns the names of the settings that differed."""
         from safetensors import safe_open
 
         try:
@@ -235,6 +237,10 @@ class DMD:
             raise ValueError(f"cannot read the DMD state {path}: {e}") from e
         if "iteration" not in meta:
             raise ValueError(f"{path} is not a DMD state (no iteration in its metadata)")
+        try:
+            saved = DMDConfig(**json.loads(meta["config"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: the DMD settings saved with it cannot be read ({e})") from e
         pick = lambda p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")}  # noqa: E731
         self.generator.load_state_dict(pick("generator"))
         self.critic.load_state_dict(pick("critic"))
@@ -243,3 +249,9 @@ class DMD:
         load_optimizer(self.opt_c, self.critic, tensors, "opt_c", path)
         self.iteration = int(meta["iteration"])
         self.cpu_minutes = float(meta.get("cpu_minutes", 0.0))
+        changed = [f.name for f in fields(DMDConfig) if getattr(saved, f.name) != getattr(self.config, f.name)]
+        self.config = saved
+        for opt in (self.opt_g, self.opt_c):  # the learning rates are set at every step from the config
+            for group in opt.param_groups:
+                group["betas"] = saved.betas
+        return changed

@@ -329,8 +329,10 @@ class Distillation:
         run = DMD(generator, critic, problem.problem(), rc.dmd)
         state = folder / "state.safetensors"
         if state.is_file():
-            run.load(state)
-            self.log(f"dmd: resumed from {state} at iteration {run.iteration}")
+            changed = run.load(state)
+            self.log(f"dmd: resumed from {state} at iteration {run.iteration}"
+                     + (f" with its saved settings ({', '.join(changed)} differ in the config and are not used)"
+                        if changed else ""))
         budget = lambda: rc.cpu_minutes and run.cpu_minutes >= rc.cpu_minutes  # noqa: E731
         if run.iteration >= rc.iterations or budget():
             self.log(f"dmd: done ({run.iteration} iterations, {run.cpu_minutes:.1f} CPU minutes, in {folder})")
