@@ -3,7 +3,8 @@
     GET  /                 the page (ca2vdm/assets/static/index.html)
     GET  /static/<file>    its script and style sheet
     GET  /api/models       [{"name", "steps", "levels", "guidance", "frame_size", "chunk_frames"}, ...]
-    GET  /api/status       {"sessions", "max_sessions", "clients", "fps", "chunks", "dropped", "rss_mb"}
+    GET  /api/status       {"sessions", "max_sessions", "clients", "fps", "chunks", "dropped", "waiting_for_viewer",
+                            "prompt_switches", "clip_bytes", "rss_mb", "rss_peak_mb"}
     WS   /ws               the stream protocol (``protocol.py``: JSON commands and uploads in,
                            one binary message per chunk out)
 
@@ -28,6 +29,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import sys
 import threading
 import time
 import urllib.parse
@@ -82,6 +84,16 @@ def _rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def _rss_peak_mb() -> float | None:
+    """The process's largest RSS so far (getrusage; None where it is not there)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
 
 
 def create_app(models: dict | None = None, max_sessions: int = 4, fps: float | None = None,
@@ -140,7 +152,8 @@ def create_app(models: dict | None = None, max_sessions: int = 4, fps: float | N
         clips = [state["clip"] for state in states if state["clip"] is not None]
         return {**scheduler.status(), "clients": len(states),
                 "dropped": dropped["closed"] + sum(o.dropped for o in list(connections)),
-                "clip_bytes": sum(x.nbytes for clip in clips for x in clip.values()), "rss_mb": _rss_mb()}
+                "clip_bytes": sum(x.nbytes for clip in clips for x in clip.values()), "rss_mb": _rss_mb(),
+                "rss_peak_mb": _rss_peak_mb()}
 
     def command(msg: dict, state: dict, outbox: Outbox, loop) -> None:
         job = state["job"] if state["job"] is not None and state["job"].active else None
