@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="a browser app that streams generated video to several viewers at once",
                        description="Serve the web page and the WebSocket stream protocol (ca2vdm/serve).")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: loopback only; another needs --token or --public-without-token)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-sessions", type=int, default=4, help="streams generated at once; more get a busy error")
     v.add_argument("--fps", type=float, default=None, help="playback and pacing rate (default: 8, the digits clips')")

@@ -19,7 +19,7 @@ samples at a third of its length instead of 20) and whether the session count re
 to 0 once the viewers leave. Exit status 1 when a goal is missed.
 
 ``--hostile`` adds one hostile client (issue 22 §3) that, once the early RSS sample is taken, repeats
-until the end: 300 ``set_prompt`` at once on its own stream, a 6000x6000 PNG (~117 KiB), a start
+until the end: 300 ``set_prompt`` at once on its own stream (300 different prompts, after 3 chunks), a 6000x6000 PNG (~117 KiB), a start
 with seed 10**400, a message one byte over the upload limit, a handshake from a foreign Origin. It
 reports what each attack got back (an answer, a close with its code, a refused handshake) and the
 goal "every hostile message answered or closed"; the viewers' longest gap shows what it cost them.
@@ -140,8 +140,11 @@ async def hostile(url: str, args, go: asyncio.Event, until: float, out: dict) ->
         async with connect(ws_url, max_size=None, open_timeout=30) as ws:  # 300 switches on its own stream
             await ws.send(json.dumps({"type": "start", "model": args.model, "prompt": "a 1 moving up", "seed": 3}))
             out["flood"].update(await answers(ws, 1, timeout) - collections.Counter(started=1))
+            for _ in range(3):  # its window full of frames first: each switch is then a full re-cache
+                while isinstance(await asyncio.wait_for(ws.recv(), timeout), str):
+                    pass
             for k in range(300):
-                await ws.send(json.dumps({"type": "set_prompt", "prompt": f"a {k % 10} moving left"}))
+                await ws.send(json.dumps({"type": "set_prompt", "prompt": f"a {k % 10} moving left, take {k}"}))
             out["flood"].update(await answers(ws, 300, timeout))
         async with connect(ws_url, max_size=None, open_timeout=30) as ws:  # the bomb, then the huge seed
             await ws.send(png)
