@@ -374,7 +374,10 @@ def _serve(args):
 
     models = dict(args.model) if args.model else None
     serve(host=args.host, port=args.port, models=models, max_sessions=args.max_sessions, fps=args.fps,
-          threads=args.threads)
+          threads=args.threads, token=args.token, allow_origins=tuple(args.allow_origin or ()),
+          public_without_token=args.public_without_token, idle_timeout=args.idle_timeout,
+          max_connections_per_client=args.max_connections_per_client,
+          max_streams_per_client=args.max_streams_per_client)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -640,13 +643,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("serve", help="a browser app that streams generated video to several viewers at once",
                        description="Serve the web page and the WebSocket stream protocol (ca2vdm/serve).")
-    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: loopback only; another needs --token or --public-without-token)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-sessions", type=int, default=4, help="streams generated at once; more get a busy error")
     v.add_argument("--fps", type=float, default=None, help="playback and pacing rate (default: 8, the digits clips')")
     v.add_argument("--model", action="append", type=_model_spec, metavar="NAME=DIR",
                    help="a checkpoint to serve (repeatable; default: the shipped digits and digits-fast)")
     v.add_argument("--threads", type=int, default=None, help="torch threads of the generation worker")
+    v.add_argument("--token", default=None,
+                   help="a secret viewers must give (open http://HOST:PORT/?token=SECRET); needed for a --host "
+                        "other than loopback unless --public-without-token")
+    v.add_argument("--public-without-token", action="store_true",
+                   help="let a --host other than loopback serve without a token: anyone who reaches it can use it")
+    v.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="a web page origin (e.g. https://example.org) allowed to open the WebSocket besides the "
+                        "server's own page (repeatable; default: same origin only)")
+    v.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="seconds a connection without a stream may send nothing before it is closed (default 60)")
+    v.add_argument("--max-connections-per-client", type=int, default=8,
+                   help="WebSocket connections one client address may hold (default 8; on loopback every "
+                        "tab is the same client)")
+    v.add_argument("--max-streams-per-client", type=int, default=2,
+                   help="streams one client address may run at once (default 2)")
     v.set_defaults(func=_serve)
     return parser
 

@@ -6,16 +6,28 @@ the scheduler's single worker thread, one round at a time::
 
     loop:
         take the active jobs (a snapshot: jobs join and leave only between rounds)
-        new jobs -> StreamSession; pending prompt switches -> session.set_prompt(...)
-        due jobs (their viewer will need frames within ``lead_chunks`` chunks at ``fps``)
+        new jobs -> StreamSession
+        due jobs (their viewer will need frames within ``lead_chunks`` chunks at ``fps``, and has
+        taken the chunks already made for it)
+            its latest prompt switch, if any -> session.set_prompt(...) (one re-cache)
             grouped by model -> ca2vdm.stream.next_chunks(sessions, sources, strengths)
                                 (compatible sessions run as one batched forward)
         each chunk -> uint8 RGB -> loop.call_soon_threadsafe(outbox.put, message)
         nothing due -> sleep until the next job is due, or a command arrives
 
-Pacing: a job is generated only as far as ``lead_chunks`` ahead of its viewer's playback clock, so a
-fast model never floods a socket and every stream gets its share of the worker. A viewer that stops
-reading never slows the worker: its outbox is bounded and drops its oldest chunk when full.
+Pacing, by two clocks: a job is generated only as far as ``lead_chunks`` ahead of its viewer's
+playback clock at ``fps``, and only while fewer than ``lead_chunks`` of its chunks wait to be written
+to the viewer's socket (``Outbox.written``). So a fast model never floods a socket, every stream gets
+its share of the worker, and a viewer that stops reading is held back once its socket's buffers are
+full: the worker makes nothing for it until it reads again (it is not told; its clock restarts).
+
+Prompt switches: a job holds at most one, the latest (``Job.switch``); one sent before the previous
+was applied replaces it (counted as skipped). It is applied just before the job's next chunk, so a
+stream is re-cached at most once per chunk however fast its viewer sends switches.
+
+Errors: whatever fails while preparing, generating or delivering one job's chunk stops that job
+only, with an error message to its viewer; a batched ``next_chunks`` that fails is run again for
+each stream alone, so only the one that fails alone is stopped.
 
 ``start`` / ``stop`` are called from the event loop and take effect at once for the session count
 (``len(scheduler)``): ``stop`` removes the job and drops its session (a round already running
@@ -34,7 +46,7 @@ import torch
 from ..conditioning import Text
 from ..stream import StreamSession, next_chunks
 from ..video import to_uint8
-from .protocol import ProtocolError, encode_chunk, error
+from .protocol import ProtocolError, encode_chunk, error, one_line
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +84,14 @@ class ServedModel:
 class Outbox:
     """A viewer's outgoing messages, used on the event loop only (the worker reaches it through
     ``loop.call_soon_threadsafe``). At most ``max_chunks`` chunks wait; a new one beyond that drops
-    the oldest (``dropped`` counts them). Text messages are never dropped for chunks."""
+    the oldest (``dropped`` counts them). Text messages are never dropped for chunks.
+    ``written``: chunks the sender has written to the socket (it counts them); the worker reads it,
+    with ``dropped``, to hold back a viewer that is not reading (an int read across threads: at worst
+    one round late)."""
 
     def __init__(self, max_chunks: int = 4):
         self.items = collections.deque()  # (payload, is_chunk)
-        self.max_chunks, self.chunks, self.dropped = max_chunks, 0, 0
+        self.max_chunks, self.chunks, self.dropped, self.written = max_chunks, 0, 0, 0
         self.ready = None  # asyncio.Event, made on first use inside the loop
 
     def _event(self) -> asyncio.Event:
@@ -100,7 +115,8 @@ class Outbox:
         self._event().set()
 
     async def get(self):
-        """The next payload: bytes (a chunk) or a dict (a JSON message)."""
+        """The next payload: bytes (a chunk), a dict (a JSON message) or a tuple (code, reason): the
+        socket's close, after everything before it."""
         while not self.items:
             self._event().clear()
             await self._event().wait()
@@ -116,11 +132,14 @@ class Job:
     request: dict                 # protocol.parse_message's "start" message
     loop: object                  # the viewer's asyncio loop
     outbox: Outbox
-    source: torch.Tensor | None = None   # (C, F, H, W) in [-1, 1] at the model's frame size (video-to-video)
+    source: torch.Tensor | None = None   # (F, H, W, 3) uint8 at the model's frame size (video-to-video)
+    client: str = ""              # the viewer's address (streams per client are limited)
     session: StreamSession | None = None
     active: bool = True
     revision: int = 0             # prompt revision of the chunks being made
-    pending: list = field(default_factory=list)  # [(prompt, guidance, revision)] to apply between chunks
+    revisions: int = 0            # the last revision handed out (set_prompt)
+    switch: tuple | None = None   # the latest switch not yet applied: (prompt, guidance, revision)
+    switches: collections.Counter = field(default_factory=collections.Counter)  # received, applied, skipped
     frames_sent: int = 0
     chunks_sent: int = 0
     source_pos: int = 0
@@ -140,16 +159,20 @@ class Scheduler:
     list of prompts -> ``Text`` (default: the MiniLM encoder, loaded on the worker on first use)."""
 
     def __init__(self, models: dict, encode_text=None, max_sessions: int = 4, fps: float = 8.0,
-                 lead_chunks: int = 2, threads: int | None = None):
+                 lead_chunks: int = 2, threads: int | None = None, max_streams_per_client: int | None = None):
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         if not fps > 0:
             raise ValueError(f"fps must be positive, got {fps}")
+        if lead_chunks < 1:
+            raise ValueError(f"lead_chunks must be at least 1, got {lead_chunks}")
         self.models, self.max_sessions, self.fps = models, max_sessions, float(fps)
+        self.max_per_client = max_sessions if max_streams_per_client is None else max_streams_per_client
         self.lead_chunks, self.threads = lead_chunks, threads
         self._encode, self._texts = encode_text, collections.OrderedDict()  # prompt -> Text (LRU)
         self.jobs: list[Job] = []
         self.chunks = 0  # chunks generated since start (all streams)
+        self.switches = collections.Counter()  # prompt switches of all streams: received, applied, skipped
         self._cv = threading.Condition()
         self._wake = False
         self._closed = False
@@ -160,23 +183,39 @@ class Scheduler:
         return len(self.jobs)
 
     def start(self, job: Job) -> Job:
-        """Add a stream (its session is built by the worker); ``Busy`` when every slot is taken."""
+        """Add a stream (its session is built by the worker); ``Busy`` when every slot is taken or
+        its client already has ``max_streams_per_client`` streams."""
         with self._cv:
             if len(self.jobs) >= self.max_sessions:
                 raise Busy(f"server busy: all {self.max_sessions} sessions are in use; try again later")
+            if sum(j.client == job.client for j in self.jobs) >= self.max_per_client:
+                raise Busy(f"server busy: at most {self.max_per_client} stream(s) per client at once")
             self.jobs = self.jobs + [job]
             self._wake = True
             self._cv.notify()
         return job
 
     def set_prompt(self, job: Job, prompt: str, guidance: float | None) -> int:
-        """Queue a prompt switch for the next chunk boundary; returns its revision number."""
+        """Make this the job's prompt from its next chunk on, replacing a switch not yet applied;
+        returns its revision number."""
         with self._cv:
-            revision = (job.pending[-1][2] if job.pending else job.revision) + 1
-            job.pending.append((prompt, guidance, revision))
+            job.revisions += 1
+            if job.switch is not None:
+                self._count(job, "skipped")
+            job.switch = (prompt, guidance, job.revisions)
+            self._count(job, "received")
+            return job.revisions
+
+    def pending(self, job: Job) -> int:
+        """Prompt switches of this job waiting to be applied (0 or 1)."""
+        with self._cv:
+            return int(job.switch is not None)
+
+    def wake(self) -> None:
+        """Have the worker look at its jobs again (a held viewer's socket took a chunk)."""
+        with self._cv:
             self._wake = True
             self._cv.notify()
-        return revision
 
     def stop(self, job: Job | None) -> None:
         """Remove a stream now: the slot is free on return; its session is dropped."""
@@ -185,7 +224,7 @@ class Scheduler:
         with self._cv:
             job.active = False
             self.jobs = [j for j in self.jobs if j is not job]
-            job.session = None
+            job.session = job.source = job.switch = None
             self._wake = True
             self._cv.notify()
 
@@ -214,29 +253,47 @@ class Scheduler:
         self._texts.move_to_end(prompt)
         return self._texts[prompt]
 
+    def _count(self, job: Job, what: str) -> None:
+        """Count a prompt switch (under the lock)."""
+        job.switches[what] += 1
+        self.switches[what] += 1
+
     def _fail(self, job: Job, exc: Exception) -> None:
+        """Stop a stream that failed and tell its viewer (not one that was stopped meanwhile)."""
+        if not job.active:
+            return
         self.stop(job)
         job.send(error(f"stream stopped: {one_line(exc)}"))
         job.send({"type": "stopped"})
 
     def _prepare(self, job: Job) -> None:
-        """Worker side of start / set_prompt: build the session, apply pending prompt switches."""
-        served = self.models[job.request["model"]]
+        """Worker side of start: build the session."""
         if job.session is None:
-            r = job.request
+            served, r = self.models[job.request["model"]], job.request
             session = StreamSession(served.model, prompt=self._text(r["prompt"]), seed=r["seed"],
                                     **served.sampling(r["steps"], r["guidance"]))
             with self._cv:
                 if job.active:
                     job.session = session
-        while job.pending and job.session is not None:
-            prompt, guidance, revision = job.pending[0]
-            try:
-                job.session.set_prompt(self._text(prompt), guidance=guidance)
-                job.revision = revision
-            except Exception as e:  # a refused switch keeps the stream on its old prompt
-                job.send(error(f"prompt not switched: {one_line(e)}"))
-            job.pending.pop(0)
+
+    def _switch(self, job: Job) -> None:
+        """Apply the job's latest prompt switch, if any (one re-cache); a refused one keeps the old prompt."""
+        with self._cv:
+            switch, job.switch = job.switch, None
+        if switch is None or job.session is None:
+            return
+        prompt, guidance, revision = switch
+        try:
+            job.session.set_prompt(self._text(prompt), guidance=guidance)
+            job.revision = revision
+            with self._cv:  # the counters are shared with set_prompt, on the event loop
+                self._count(job, "applied")
+        except Exception as e:
+            job.send(error(f"prompt not switched: {one_line(e)}"))
+
+    def _waiting_for_viewer(self, job: Job) -> bool:
+        """Whether ``lead_chunks`` of the job's chunks still wait to be written to its viewer's socket."""
+        return job.chunks_sent - job.outbox.written - job.outbox.dropped >= self.lead_chunks
 
     def _deliver(self, job: Job, chunk: torch.Tensor, seconds: float) -> None:
         frames = to_uint8(chunk[0].float())  # (l, H, W, 3)
@@ -250,39 +307,56 @@ class Scheduler:
         job.due = job.t0 + (job.frames_sent - self.lead_chunks * l) / self.fps
 
     def _source(self, job: Job, served: ServedModel):
-        """The next l frames of the uploaded clip (1, C, l, H, W), looping; None without one."""
-        if job.source is None:
+        """The next l frames of the uploaded clip (1, C, l, H, W) in [-1, 1], looping; None without one."""
+        source = job.source  # stop() may drop it meanwhile
+        if source is None:
             return None
-        l, F = served.model.config.chunk_frames, job.source.shape[1]
+        l, F = served.model.config.chunk_frames, source.shape[0]
         idx = [(job.source_pos + i) % F for i in range(l)]
         job.source_pos = (job.source_pos + l) % F
-        return job.source[:, idx][None].to(served.model.device, served.model.dtype)
+        x = source[idx].permute(3, 0, 1, 2).float().div(127.5).sub(1)  # (C, l, H, W)
+        return x[None].to(served.model.device, served.model.dtype)
 
     def _step(self, name: str, jobs: list[Job]) -> None:
-        """One chunk for each job of one model: one ``next_chunks`` call (batched where compatible)."""
-        served = self.models[name]
-        sessions = [j.session for j in jobs]
-        sources = [self._source(j, served) for j in jobs]
+        """One chunk for each job of one model: its prompt switch, its source, then one ``next_chunks``
+        call (batched where compatible). A job whose switch or source fails is stopped alone."""
+        served, batch = self.models[name], []
+        for j in jobs:
+            try:
+                self._switch(j)
+                batch.append((j, self._source(j, served)))
+            except Exception as e:
+                self._fail(j, e)
+        self._forward(batch)
+
+    def _forward(self, batch: list) -> None:
+        """[(job, source)] -> one ``next_chunks`` call, chunks delivered. When a batched call fails,
+        each job is run alone, so only the stream that fails alone is stopped."""
+        if not batch:
+            return
+        jobs = [j for j, _ in batch]
+        sources = [s for _, s in batch]
         strengths = [j.request["strength"] for j in jobs]
         if all(s is None for s in sources):
             sources = strengths = None
         t = time.perf_counter()
         try:
-            chunks = next_chunks(sessions, sources, strengths)
-        except Exception:
-            if len(jobs) == 1:
-                raise
-            for j in jobs:  # isolate the failing stream: the others carry on
-                try:
-                    self._step(name, [j])
-                except Exception as e:
-                    self._fail(j, e)
+            chunks = next_chunks([j.session for j in jobs], sources, strengths)
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail(jobs[0], e)
+            else:
+                for item in batch:
+                    self._forward([item])
             return
         seconds = time.perf_counter() - t
         self.chunks += len(jobs)
         for j, c in zip(jobs, chunks):
             if j.active:
-                self._deliver(j, c, seconds)
+                try:
+                    self._deliver(j, c, seconds)
+                except Exception as e:
+                    self._fail(j, e)
 
     def _run(self) -> None:
         if self.threads:
@@ -296,7 +370,7 @@ class Scheduler:
                     time.sleep(0.1)
 
     def _round(self) -> None:
-        """One round: prepare new jobs and prompt switches, then one chunk for every due job (or sleep)."""
+        """One round: build new sessions, then one chunk for every due job (or sleep)."""
         jobs = self.jobs  # a snapshot: joins and leaves take effect between rounds
         for j in jobs:
             try:
@@ -304,12 +378,12 @@ class Scheduler:
             except Exception as e:
                 self._fail(j, e)
         now = time.monotonic()
-        ready = [j for j in jobs if j.active and j.session is not None and j.due <= now]
-        if not ready:
-            waiting = [j.due for j in jobs if j.active and j.session is not None]
+        live = [j for j in jobs if j.active and j.session is not None and not self._waiting_for_viewer(j)]
+        ready = [j for j in live if j.due <= now]
+        if not ready:  # sleep until one is due; a command or a held viewer's progress wakes us
             with self._cv:
                 if not self._wake and not self._closed:
-                    self._cv.wait(timeout=max(0.0, min(waiting, default=now + 1.0) - now))
+                    self._cv.wait(timeout=max(0.0, min((j.due for j in live), default=now + 1.0) - now))
                 self._wake = False
             return
         groups = collections.defaultdict(list)
@@ -318,16 +392,13 @@ class Scheduler:
         for name, group in groups.items():
             try:
                 self._step(name, group)
-            except Exception as e:
-                self._fail(group[0], e)
+            except Exception as e:  # not one stream's fault that _step could tell: all of them stop
+                for j in group:
+                    self._fail(j, RuntimeError(f"a step of {len(group)} streams failed: {one_line(e)}"))
 
     def status(self) -> dict:
-        return {"sessions": len(self.jobs), "max_sessions": self.max_sessions, "fps": self.fps,
-                "chunks": self.chunks}
-
-
-def one_line(exc: Exception) -> str:
-    """An exception as one line (PyAV and torch messages can span several)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+        jobs = self.jobs
+        return {"sessions": len(jobs), "max_sessions": self.max_sessions, "fps": self.fps, "chunks": self.chunks,
+                "waiting_for_viewer": sum(self._waiting_for_viewer(j) for j in jobs),
+                "prompt_switches": dict(self.switches)}
 

@@ -126,12 +126,14 @@ function onMessage(msg) {
   }
 }
 
-function connect() {
-  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`);
+function connect() {  // a server started with --token wants it back: the page was opened as /?token=...
+  const token = new URLSearchParams(location.search).get("token");
+  const query = token === null ? "" : `?token=${encodeURIComponent(token)}`;
+  const ws = new WebSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws${query}`);
   ws.binaryType = "arraybuffer";
   ws.onopen = () => say("connected");
   ws.onmessage = (e) => (e.data instanceof ArrayBuffer ? onChunk(e.data) : onMessage(JSON.parse(e.data)));
-  ws.onclose = () => { setPlaying(false); say("disconnected: reload the page", true); };
+  ws.onclose = (e) => { setPlaying(false); say(`disconnected${e.reason ? ` (${e.reason})` : ""}: reload the page`, true); };
   state.ws = ws;
 }
 
