@@ -229,6 +229,10 @@ def test_paced_at_fps_and_page_served(server):
 
 
 def test_set_prompt_switches_between_chunks(server, checkpoint):
+    """The switch lands between two chunks (revision 0, then 1) and re-caches the window: every chunk
+    equals what one StreamSession makes when it switches to the same prompt before the same chunk.
+    (The former test asserted only that later chunks differ from the unswitched stream's.) Breaks
+    tried: the scheduler switching with recache=False; the new prompt encoded for the wrong text."""
     c = Client(server)
     c.start()
     got = c.chunks(3)
@@ -239,10 +243,18 @@ def test_set_prompt_switches_between_chunks(server, checkpoint):
     c.close()
     revisions = [g["revision"] for g in got]
     assert revisions == sorted(revisions) and set(revisions) == {0, 1}, revisions
-    want = reference(checkpoint, START["prompt"], len(got))
+    assert [g["chunk"] for g in got] == list(range(1, len(got) + 1))  # none dropped: the reference is chunk by chunk
+    switch = revisions.index(1)
+    s = StreamSession(load_checkpoint(checkpoint), prompt=encode([START["prompt"]]), steps=2, guidance=2.0, seed=5)
+    want = []
+    with torch.no_grad():
+        for i in range(len(got)):
+            if i == switch:
+                s.set_prompt(encode(["a 7 moving left"]))
+            want.append(to_uint8(s.next_chunk()[0]))
     for g, w in zip(got, want):
-        same = _close(g["frames"], w)
-        assert same if g["revision"] == 0 else not same, f"chunk {g['chunk']} (revision {g['revision']})"
+        assert _close(g["frames"], w), f"chunk {g['chunk']} (revision {g['revision']})"
+    assert not _close(got[-1]["frames"], reference(checkpoint, START["prompt"], len(got))[-1])  # the switch mattered
 
 
 def test_stop_frees_the_session_at_once(server):
