@@ -58,8 +58,13 @@ def encode(prompts):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("serve") / "tiny"
-    save_checkpoint(path, tiny_model(dtype=torch.float32, prefix_frames=0, conditioning="text", text_dim=TEXT_DIM,
-                                     frame_size=64, patch=16, max_context_frames=6))
+    model = tiny_model(dtype=torch.float32, prefix_frames=0, conditioning="text", text_dim=TEXT_DIM, frame_size=64,
+                       patch=16, max_context_frames=6)
+    with torch.no_grad():  # a prompt then moves the cached K/V by more than uint8 rounding (up to 7 levels)
+        for name, p in model.named_parameters():
+            if ".cross." in name:
+                p.mul_(5.0)
+    save_checkpoint(path, model)
     return path
 
 
@@ -255,6 +260,12 @@ def test_set_prompt_switches_between_chunks(server, checkpoint):
     for g, w in zip(got, want):
         assert _close(g["frames"], w), f"chunk {g['chunk']} (revision {g['revision']})"
     assert not _close(got[-1]["frames"], reference(checkpoint, START["prompt"], len(got))[-1])  # the switch mattered
+    s = StreamSession(load_checkpoint(checkpoint), prompt=encode([START["prompt"]]), steps=2, guidance=2.0, seed=5)
+    with torch.no_grad():  # and so did the re-cache: without it the chunk after the switch is another
+        for i in range(switch):
+            s.next_chunk()
+        s.set_prompt(encode(["a 7 moving left"]), recache=False)
+        assert not _close(got[switch]["frames"], to_uint8(s.next_chunk()[0]))
 
 
 def test_stop_frees_the_session_at_once(server):
