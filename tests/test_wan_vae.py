@@ -45,8 +45,9 @@ def test_five_streamed_chunks_equal_the_whole_decode(version):
     """5 chunks of 3 latent frames, decoded as they come, concatenate to WanPipeline's decode of the
     15-frame latent video bitwise (1 + 4 x 14 = 57 frames; 1 then 4 per latent frame); the cache's
     size is the same after chunk 2 as after chunk 5 (memory flat). Breaks tried: the whole chunk
-    in one decoder call (drifts ~1e-7, not equal); first_chunk on every call instead of the
-    first; normalized latents passed to the VAE without un-normalizing; no unpatchify (2.2)."""
+    in one decoder call (close, not equal); first_chunk on every call instead of the first (2.2
+    fails; 2.1's decoder ignores first_chunk); normalized latents passed to the VAE without
+    un-normalizing; no unpatchify (2.2)."""
     vae = tiny_vae(version)
     z = latent_video(vae, 15, seed=1)
     stream = StreamingWanDecoder(vae)
