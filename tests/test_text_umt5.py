@@ -56,7 +56,7 @@ def test_umt5_states_equal_wan_pipeline(wan_folder, dtype):
     zero past each prompt's tokens (prompts of different lengths, one needing html unescaping and
     whitespace collapsed); the mask marks the tokens. Breaks tried: no zeroing past the tokens (the
     encoder's output at the padding kept); padding to the longest prompt instead of 512; the prompt
-    not cleaned; the encoder always in float32."""
+    not cleaned; the encoder always in float32 (the bfloat16 case fails)."""
     enc = UMT5TextEncoder(wan_folder, dtype=dtype)
     assert enc.model.dtype == dtype
     states, mask = enc.encode(PROMPTS)
@@ -71,7 +71,8 @@ def test_precomputed_file_and_the_chooser(wan_folder, tmp_path):
     """States saved to a safetensors file read back equal to the encoder's (bitwise, bf16), a prompt not
     in the file is a clear error, and ``text_encoder_for`` picks umT5 for a folder, the file for a
     .safetensors and MiniLM for None. Breaks tried: saving the padded 512 rows and reading them
-    as the tokens (mask wrong); the KeyError replaced by zeros; the chooser sending files to umT5."""
+    as the tokens (mask wrong); the named error removed (a bare KeyError from the dict); the chooser
+    sending files to umT5."""
     enc = text_encoder_for(wan_folder, dtype=torch.bfloat16)
     assert isinstance(enc, UMT5TextEncoder)
     file = tmp_path / "prompts.safetensors"
