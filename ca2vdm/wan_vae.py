@@ -112,7 +112,10 @@ class _Stream:
 
 
 class StreamingWanDecoder(_Stream):
-    """Latent chunks (B, z, f, h, w) -> pixel frames (B, 3, F, H, W) in [-1, 1], one latent frame per call."""
+    """Latent chunks (B, z, f, h, w) -> pixel frames (B, 3, F, H, W) in [-1, 1] in the VAE's dtype.
+
+    Every latent frame is its own decoder call (first_chunk on the stream's very first), as
+    diffusers' ``_decode`` runs them; chunks may have any number of frames."""
 
     part = "decoder"
 
@@ -122,6 +125,8 @@ class StreamingWanDecoder(_Stream):
         vae = self.vae
         if latents.ndim != 5 or latents.shape[1] != vae.config.z_dim:
             raise ValueError(f"latents must be (B, {vae.config.z_dim}, f, h, w), got {tuple(latents.shape)}")
+        param = next(vae.parameters())
+        latents = latents.to(param.device, param.dtype)  # as WanPipeline: into the VAE's dtype first
         if self.normalized:
             mean, inv_std = _latent_stats(vae, latents)
             latents = latents / inv_std + mean  # WanPipeline's un-normalization, same ops, same order
@@ -140,7 +145,7 @@ class StreamingWanDecoder(_Stream):
 
 
 class StreamingWanEncoder(_Stream):
-    """Pixel frames (B, 3, F, H, W) in [-1, 1] -> latents (B, z, f, h, w): the posterior's mean.
+    """Pixel frames (B, 3, F, H, W) in [-1, 1] -> float32 latents (B, z, f, h, w): the posterior's mean.
 
     Frames go through the encoder in groups of 1 (the first frame), then 4, 4, ... as diffusers'
     ``_encode`` takes them. A call may bring any number of frames: the groups completed so far are
@@ -159,6 +164,8 @@ class StreamingWanEncoder(_Stream):
         vae = self.vae
         if video.ndim != 5:
             raise ValueError(f"video must be (B, C, F, H, W), got {tuple(video.shape)}")
+        param = next(vae.parameters())
+        video = video.to(param.device, param.dtype)  # as WanVideoToVideoPipeline: into the VAE's dtype
         if self.pending is not None:
             video = torch.cat([self.pending, video], 2)
         p = vae.config.patch_size
@@ -177,7 +184,7 @@ class StreamingWanEncoder(_Stream):
             B, _, _, H, W = video.shape
             s = vae.spatial_compression_ratio
             return video.new_zeros(B, vae.config.z_dim, 0, H // s, W // s)
-        z = torch.cat(outs, 2)
+        z = torch.cat(outs, 2).float()  # WanVideoToVideoPipeline's latents are float32
         if self.normalized:
             mean, inv_std = _latent_stats(vae, z)
             z = (z - mean) * inv_std  # WanVideoToVideoPipeline's normalization

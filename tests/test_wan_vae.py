@@ -27,9 +27,9 @@ def tiny_vae(version: str) -> AutoencoderKLWan:
                             patch_size=2, scale_factor_spatial=8).eval()
 
 
-def latent_video(vae, frames: int, seed: int) -> torch.Tensor:
+def latent_video(vae, frames: int, seed: int, batch: int = 2) -> torch.Tensor:
     s = 16 // vae.config.scale_factor_spatial
-    return torch.randn(2, 4, frames, s, s, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, 4, frames, s, s, generator=torch.Generator().manual_seed(seed))
 
 
 def pipeline_decode(vae, z):
@@ -69,7 +69,7 @@ def test_two_streams_interleaved_over_one_vae():
     would through the VAE's ``_feat_map``)."""
     vae = tiny_vae("2.1")
     vae.clear_cache()
-    za, zb = latent_video(vae, 15, seed=2), latent_video(vae, 15, seed=3)
+    za, zb = latent_video(vae, 15, seed=2, batch=1), latent_video(vae, 15, seed=3, batch=1)
     a, b = StreamingWanDecoder(vae), StreamingWanDecoder(vae)
     outa, outb = [], []
     for k in range(5):
@@ -122,3 +122,23 @@ def test_only_the_wan_vae_untiled(tmp_path):
         stream.decode(z)
     with pytest.raises(ValueError, match="tiling"):
         StreamingWanEncoder(vae)
+
+
+def test_bfloat16_vae_casts_as_the_pipelines_do():
+    """A bfloat16 VAE: float32 latents from the transformer are cast to bfloat16 before the
+    un-normalization (WanPipeline), and encoded latents come back float32, normalized in float32
+    (WanVideoToVideoPipeline); both bitwise. Breaks tried: un-normalizing in float32 before the
+    cast; normalizing the encoder's latents in bfloat16."""
+    vae = tiny_vae("2.1").to(torch.bfloat16)
+    z = latent_video(vae, 4, seed=6)  # float32
+    stream = StreamingWanDecoder(vae)
+    out = torch.cat([stream.decode(z[:, :, :2]), stream.decode(z[:, :, 2:])], 2)
+    ref = pipeline_decode(vae, z.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+
+    x = torch.rand(1, 3, 9, 16, 16, generator=torch.Generator().manual_seed(7)) * 2 - 1
+    got = StreamingWanEncoder(vae).encode(x)
+    with torch.no_grad():
+        ref = vae.encode(x.to(torch.bfloat16)).latent_dist.mode().to(torch.float32)
+    ref = (ref - torch.tensor(MEAN).view(1, 4, 1, 1, 1)) * (1.0 / torch.tensor(STD).view(1, 4, 1, 1, 1))
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
