@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ca2vdm"
 FLOORS = {
     # 0 — leaves: the paper's ideas and the library's plumbing, each on its own
     "assets": 0, "config": 0, "layout": 0, "cache": 0, "positions": 0, "diffusion": 0, "conditioning": 0,
-    "layers": 0, "text": 0, "video": 0, "autoencoder": 0, "data": 0, "metrics": 0, "safefile": 0,
+    "layers": 0, "text": 0, "video": 0, "autoencoder": 0, "wan_vae": 0, "data": 0, "metrics": 0, "safefile": 0,
     # 1 — the models and their files on disk
     "backbone": 0,
     "model": 1, "checkpoint": 1, "wan": 1, "wan_weights": 1, "causal_wan": 1,
