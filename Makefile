@@ -16,14 +16,19 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Test files run in TEST_WORKERS processes (pytest-xdist; each file stays in one process, so its
+# module fixtures are built once): most tests use one thread, so two workers use both cores.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST)
 
 # The suite as a CPU without AVX-512 runs it (PyTorch's AVX2 kernels, oneDNN and MKL capped at AVX2;
 # close to, not bitwise, an AVX2-only machine: MKL may take other paths on AMD).
 AVX2 := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 test-avx2: $(STAMP)
-	$(AVX2) $(PY) -m pytest -q
+	$(AVX2) $(PY) -m pytest -q $(XDIST)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
