@@ -1,7 +1,13 @@
 """Tiny configurations shared by the tests (hidden <= 64, depth <= 2, 16 tokens per frame)."""
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two worker processes share the two cores, so
+    torch.set_num_threads(1)               # each computes with one thread (oversubscribed, the suite took
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # longer), and so do the commands its tests start
 
 from ca2vdm import CausalVideoDiT, ModelConfig, Text
 

@@ -153,13 +153,16 @@ def test_the_reader_sees_relative_and_lazy_imports(tmp_path, source, expected):
 
 BACKBONES = {"ca2vdm.model", "ca2vdm.wan", "ca2vdm.causal_wan", "ca2vdm.layers"}
 BACKBONE_CLASSES = {"CausalVideoDiT", "WanTransformer", "CausalWan"}
-ENGINE = ("ca2vdm.stream", "ca2vdm.stepcache", "ca2vdm.cache", "ca2vdm.generate", "ca2vdm.backbone")
+ENGINE = ("ca2vdm.stream", "ca2vdm.stepcache", "ca2vdm.cache", "ca2vdm.generate", "ca2vdm.backbone",
+          "ca2vdm.training.losses", "ca2vdm.training.trainer", "ca2vdm.training.optim", "ca2vdm.distill.dmd",
+          "ca2vdm.distill.ode", "ca2vdm.distill.video", "ca2vdm.distill.run")
 
 
 def test_the_engine_reaches_backbones_only_through_the_interface():
-    """The engine's modules import no concrete backbone (nor its layers) and never name one of its
-    classes (no isinstance test, no type hint): they talk to ``backbone.Backbone``. Break tried:
-    ``from .model import CausalVideoDiT`` back in stream.py."""
+    """The engine's modules (streams, generation, step caching, the cache, training, distillation)
+    import no concrete backbone (nor its layers) and never name one of its classes (no isinstance
+    test, no type hint): they talk to ``backbone.Backbone`` and build networks through
+    ``checkpoint.build_model``. Break tried: ``from .model import CausalVideoDiT`` back in stream.py."""
     graph, wrong = _graph(), []
     for name, path in _modules():
         if name not in ENGINE:

@@ -8,7 +8,7 @@ a bidirectional teacher (CausVid's asymmetric setting) samples the whole clip on
 Its Euler path is piecewise linear in sigma, so the state at a student level sigma between two
 teacher steps is read off that path exactly (``states_at_levels``). The regression sees what the
 trajectory saw: the teacher's clean clip as context and each chunk at a level of its own, every
-chunk in one masked forward (``CausalVideoDiT.forward_all_chunks``)::
+chunk in one masked forward (``Backbone.forward_all_chunks``)::
 
     for every clip:  video, states[k] = teacher trajectory at student level k        (ode-pairs)
     loss = || student_x0(states[j_c] of chunk c | video's earlier chunks) - video ||^2  (ode-init)
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch.utils.data import Dataset
 
+from ..backbone import Backbone
 from ..checkpoint import load_tensors
 from ..conditioning import Condition
-from ..model import CausalVideoDiT
 from ..safefile import save_safetensors
 from ..generate import generate_clip
 from ..stream import StreamSession
@@ -46,7 +46,7 @@ def states_at_levels(trajectory: list[torch.Tensor], sigmas: list[float], levels
     return torch.stack(out)
 
 
-def teacher_trajectories(teacher: CausalVideoDiT, levels: list[float], frames: int, steps: int = 20,
+def teacher_trajectories(teacher: Backbone, levels: list[float], frames: int, steps: int = 20,
                          guidance: float = 4.0, **session) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's video of ``frames`` frames, as ``generate_video`` makes it, and the state of
     every generated frame at every student level: (B, C, F, H, W), (B, K, C, F - p, H, W).
@@ -78,7 +78,7 @@ def teacher_trajectories(teacher: CausalVideoDiT, levels: list[float], frames: i
     return torch.cat(chunks, dim=2), torch.cat(states, dim=3).transpose(0, 1).contiguous()
 
 
-def write_ode_pairs(teacher: CausalVideoDiT, out_dir, items, levels: list[float], frames: int, clips: int,
+def write_ode_pairs(teacher: Backbone, out_dir, items, levels: list[float], frames: int, clips: int,
                     batch: int, encode=None, steps: int = 20, guidance: float = 4.0, seed: int = 0,
                     autocast=None, log=print) -> list[Path]:
     """Shards ``pairs_00000.safetensors``, ... of ``batch`` clips each, ``clips`` in all: tensors
@@ -158,7 +158,7 @@ class ODEPairs(Dataset):
         return item
 
 
-def ode_regression_loss(student: CausalVideoDiT, video: torch.Tensor, states: torch.Tensor, levels: list[float],
+def ode_regression_loss(student: Backbone, video: torch.Tensor, states: torch.Tensor, levels: list[float],
                         cond: Condition, generator: torch.Generator) -> torch.Tensor:
     """The ODE-init loss: each (clip, chunk) at a student level of its own, drawn from ``generator``,
     all chunks in one all-chunks forward with the teacher's clean clip as context; MSE of the x0

@@ -33,11 +33,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_state, load_tensors, read_config, save_checkpoint
+from ..backbone import Backbone
+from ..checkpoint import (CheckpointError, build_model, load_checkpoint, load_state, load_tensors, read_config,
+                          save_checkpoint)
 from ..config import coerce_fields
 from ..data import build_dataset
 from ..diffusion import mix_seed
-from ..model import CausalVideoDiT
 from ..training.config import TrainConfig, apply_overrides
 from ..training.losses import clip_frames
 from ..training.optim import EMA, load_optimizer, lr_at, optimizer_tensors
@@ -145,7 +146,7 @@ class DistillConfig:
     def amp(self):
         return torch.bfloat16 if self.autocast == "bf16" else None
 
-    def student_levels(self, teacher: CausalVideoDiT) -> list[float]:
+    def student_levels(self, teacher: Backbone) -> list[float]:
         if self.levels is not None:
             levels = [float(s) for s in self.levels]
         else:
@@ -363,8 +364,8 @@ class Distillation:
             metrics.close()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _ema_model(self, ema: EMA) -> CausalVideoDiT:
-        model = CausalVideoDiT(self.student_init.config)
+    def _ema_model(self, ema: EMA) -> Backbone:
+        model = build_model(self.student_init.config)
         ema.copy_to(model)
         return model.eval()
 

@@ -27,8 +27,8 @@ enters detached, as it does in the rollout's cache).
 
 import torch
 
+from ..backbone import Backbone
 from ..conditioning import classifier_free_guidance
-from ..model import CausalVideoDiT
 from ..stream import StreamSession
 from ..training.losses import Draws, all_chunks_loss, clip_frames, full_clip_loss
 from .dmd import DMDProblem
@@ -42,7 +42,7 @@ class VideoDMD:
     of ``pool`` items; ``encode(captions) -> Text`` for text models. Clips of ``frames`` frames,
     ``batch`` per iteration; the teacher guided at ``guidance``; ``autocast`` for every network call."""
 
-    def __init__(self, student: CausalVideoDiT, teacher: CausalVideoDiT, critic: CausalVideoDiT,
+    def __init__(self, student: Backbone, teacher: Backbone, critic: Backbone,
                  levels: list[float], frames: int, batch: int, items, pool: int, encode=None,
                  guidance: float = 4.0, autocast: torch.dtype | None = None, exit_step: str = "random",
                  rollout: str = "self"):

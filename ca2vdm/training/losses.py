@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backbone import Backbone
 from ..conditioning import Text
 from ..config import ModelConfig
-from ..model import CausalVideoDiT
 
 
 def prefix_choices(cfg: ModelConfig) -> list[int]:
@@ -103,7 +103,7 @@ def random_tpe_shift(cfg: ModelConfig, draws: Draws) -> int:
     return draws.choice(cfg.cyclic_length) if cfg.positions == "cyclic" else 0
 
 
-def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int, gen: "torch.Generator | Draws",
+def ca2vdm_loss(model: Backbone, video: torch.Tensor, cond, n_prefix: int, gen: "torch.Generator | Draws",
                 context_noise: float = 0.0) -> torch.Tensor:
     """The recipe's loss for one batch. video (B, C, >= n_prefix + l, H, W), clean, in model units.
     gen: a generator, or ``Draws`` with one generator per sample."""
@@ -127,7 +127,7 @@ def ca2vdm_loss(model: CausalVideoDiT, video: torch.Tensor, cond, n_prefix: int,
     return F.mse_loss(pred.float(), target.float())
 
 
-def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torch.Generator | Draws",
+def all_chunks_loss(model: Backbone, video: torch.Tensor, cond, gen: "torch.Generator | Draws",
                     context_noise: float = 0.0) -> torch.Tensor:
     """The all-chunks-at-once variant (docs/CONCEPTS.md §6, Self-Forcing's teacher forcing): one pass
     over a clean clip and noisy copies of all its generated chunks, one noise level per (clip, chunk),
@@ -150,7 +150,7 @@ def all_chunks_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torc
     return F.mse_loss(pred.float(), target.float())
 
 
-def full_clip_loss(model: CausalVideoDiT, video: torch.Tensor, cond, gen: "torch.Generator | Draws") -> torch.Tensor:
+def full_clip_loss(model: Backbone, video: torch.Tensor, cond, gen: "torch.Generator | Draws") -> torch.Tensor:
     """The ordinary video DiT's loss (``full-clip`` layout, a bidirectional model): a clip of
     ``clip_length`` frames noised at one level per clip, every frame seeing every other, the cyclic
     TPE rows shifted uniformly over the table (so every row is trained), loss on every frame."""
@@ -175,7 +175,7 @@ def check_layout(cfg: ModelConfig, layout: str) -> None:
                          "a bidirectional model trains with 'full-clip', a causal one with 'prefix' or 'all-chunks'")
 
 
-def drop_captions(model: CausalVideoDiT, text: Text, drop: torch.Tensor) -> Text:
+def drop_captions(model: Backbone, text: Text, drop: torch.Tensor) -> Text:
     """Replace the prompts where ``drop`` (B,) is True by the learned null prompt."""
     null = F.pad(model.null_text.to(text.states.dtype), (0, 0, 0, text.states.shape[1] - 1))  # (N, Dt)
     null_mask = torch.zeros_like(text.mask[0])
@@ -189,7 +189,7 @@ class Objective(nn.Module):
     ``DistributedDataParallel`` can wrap it: conditioning, noising and the loss all run inside
     ``forward``, whichever layout (``prefix`` or ``all-chunks``) is trained."""
 
-    def __init__(self, model: CausalVideoDiT, layout: str = "prefix", context_noise: float = 0.0):
+    def __init__(self, model: Backbone, layout: str = "prefix", context_noise: float = 0.0):
         super().__init__()
         check_layout(model.config, layout)
         self.model, self.layout, self.context_noise = model, layout, context_noise
