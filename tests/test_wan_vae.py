@@ -84,8 +84,10 @@ def test_two_streams_interleaved_over_one_vae():
 def test_streamed_encoder_equals_encode(version):
     """25 pixel frames fed 7 at a time (groups of 1, 4, 4, ... straddle the calls) encode to the
     posterior's mode of diffusers' whole-video encode, normalized as WanVideoToVideoPipeline does,
-    bitwise. Breaks tried: groups of 4 from the first frame; the leftover frames of a call dropped;
-    the logvar half returned instead of the mean."""
+    bitwise for Wan 2.1. For Wan 2.2's VAE, computed with one thread, the whole-video encode and the
+    stream round differently in the last bit (8.2e-8 of 0.64 measured; bitwise with two threads):
+    held to 1e-6 relative there. Breaks tried: groups of 4 from the first frame; the leftover
+    frames of a call dropped; the logvar half returned instead of the mean."""
     vae = tiny_vae(version)
     x = torch.rand(2, 3, 25, 16, 16, generator=torch.Generator().manual_seed(4)) * 2 - 1
     stream = StreamingWanEncoder(vae)
@@ -95,7 +97,10 @@ def test_streamed_encoder_equals_encode(version):
     mean = torch.tensor(MEAN).view(1, 4, 1, 1, 1)
     ref = (ref - mean) * (1.0 / torch.tensor(STD).view(1, 4, 1, 1, 1))
     assert z.shape == ref.shape == (2, 4, 7) + ref.shape[3:]
-    assert torch.equal(z, ref), (z - ref).abs().max()
+    if version == "2.1":
+        assert torch.equal(z, ref), (z - ref).abs().max()
+    else:
+        assert (z - ref).abs().max() <= 1e-6 * ref.abs().max(), (z - ref).abs().max()
     assert stream.pending is None
 
 
