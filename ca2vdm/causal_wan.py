@@ -26,7 +26,7 @@ from .cache import CacheBatch, KVCache
 from .conditioning import Condition, Text
 from .diffusion import FlowMatching
 from .layout import ChunkLayout
-from .wan import WanConfig, WanTransformer, attention_groups
+from .wan import WanConfig, WanTransformer
 from .wan_weights import load_wan
 
 
@@ -261,22 +261,13 @@ class CausalWan(nn.Module):
         t = torch.zeros(B, Fr, dtype=torch.float64, device=frames.device)
         cond = self._check(frames, t, cond)
         cache.check_fill(B, start, Fr)
-        end = start + Fr
 
         def keep(i, k, v):
             cache.fill(i, k, v, start)
             return k, v
 
-        tr, (H, W) = self.transformer, self.config.frame_size
-        idx = list(range(start, end))
-        mask = tr.block_causal_mask(idx, idx)
-        groups = attention_groups(mask)
-        h = tr.tokens(frames)
-        _, mod = tr.modulation(t)
-        rope = tr.rope(idx, H, W)
-        for i, block in enumerate(tr.blocks):
-            h = block(h, mod, cond.kv[i], rope, groups, lambda k, v, i=i: keep(i, k, v))
-        cache.advance(end)
+        self.transformer(frames, t, cond, mask="block-causal", frames=start, keys=keep)  # its head's output unused
+        cache.advance(start + Fr)
 
 
 def load_causal_wan(path, config: WanConfig | str | None = None, frame_size=(60, 104), flow_shift: float = 5.0,
