@@ -204,6 +204,25 @@ class StandInVAE(torch.nn.Module):
         return latent
 
 
+def set_attention_sizes(model, local_attn_size: int, tokens: int) -> None:
+    """Patch 5 on a built ``CausalWanModel``: every self-attention's ``max_attention_size`` (32760, or
+    local * 1560, hard-coded) for ``tokens`` per latent frame."""
+    for block in model.blocks:
+        block.self_attn.max_attention_size = (GLOBAL_FRAMES if local_attn_size == -1 else local_attn_size) * tokens
+
+
+def their_kv_cache(blocks: int, batch: int, local_attn_size: int, tokens: int, heads: int, head_dim: int,
+                   dtype, device) -> list:
+    """Patch 5: their ``_initialize_kv_cache`` (pipeline/causal_inference.py) as written, sized for
+    ``tokens`` per latent frame: [B, 21 * tokens, heads, head_dim] (was 32760 = 21 * 1560) or, with a
+    local window, [B, local * tokens, ...]; per block, with their two end indices."""
+    size = (GLOBAL_FRAMES if local_attn_size == -1 else local_attn_size) * tokens
+    return [{"k": torch.zeros([batch, size, heads, head_dim], dtype=dtype, device=device),
+             "v": torch.zeros([batch, size, heads, head_dim], dtype=dtype, device=device),
+             "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+             "local_end_index": torch.tensor([0], dtype=torch.long, device=device)} for _ in range(blocks)]
+
+
 def build_pipeline(ref: dict, local_attn_size: int, sink_size: int, states, weight_seed: int):
     CausalWanModel = ref["causal_model"].CausalWanModel
 
@@ -227,23 +246,11 @@ def build_pipeline(ref: dict, local_attn_size: int, sink_size: int, states, weig
     heads, head_dim = TINY["num_heads"], TINY["dim"] // TINY["num_heads"]
     pipe.num_transformer_blocks = TINY["num_layers"]
     pipe.frame_seq_length = tokens
-    for block in pipe.generator.model.blocks:
-        block.self_attn.max_attention_size = (GLOBAL_FRAMES if local_attn_size == -1 else local_attn_size) * tokens
+    set_attention_sizes(pipe.generator.model, local_attn_size, tokens)
 
     def _initialize_kv_cache(self, batch_size, dtype, device):  # theirs, with the sizes above
-        kv_cache1 = []
-        if self.local_attn_size != -1:
-            kv_cache_size = self.local_attn_size * self.frame_seq_length
-        else:
-            kv_cache_size = GLOBAL_FRAMES * self.frame_seq_length  # was 32760
-        for _ in range(self.num_transformer_blocks):
-            kv_cache1.append({
-                "k": torch.zeros([batch_size, kv_cache_size, heads, head_dim], dtype=dtype, device=device),
-                "v": torch.zeros([batch_size, kv_cache_size, heads, head_dim], dtype=dtype, device=device),
-                "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
-                "local_end_index": torch.tensor([0], dtype=torch.long, device=device)
-            })
-        self.kv_cache1 = kv_cache1
+        self.kv_cache1 = their_kv_cache(self.num_transformer_blocks, batch_size, self.local_attn_size,
+                                        self.frame_seq_length, heads, head_dim, dtype, device)
 
     def _initialize_crossattn_cache(self, batch_size, dtype, device):  # theirs, with the sizes above
         self.crossattn_cache = [{
