@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (see /work/.library/device): the CUDA tests, the hot-path and cache
 # tests on CUDA's torch, and `ca2vdm bench` on the GPU, in under 5 minutes (step 3, the Wan block
-# benchmark, adds up to 4). Steps 1-2 need only the machine's own torch, numpy, safetensors, pytest and pyyaml (no PyAV, no text encoder: nothing it
-# runs reads a video file or encodes a prompt). Results go to $OUT (or outputs/gpu-check).
+# benchmark, adds up to 4). Steps 1-2 need only the machine's own torch, numpy, safetensors, pytest
+# and pyyaml (no PyAV, no text encoder: nothing they run reads a video file or encodes a prompt). Results go to $OUT (or outputs/gpu-check).
 # Step 3 (issue 24's block benchmark) also needs diffusers and a Self-Forcing checkout at $SF_REF
 # (default /tmp/sf-ref); without either, or without CUDA, it is skipped and says so.
 #   run: bash scripts/gpu-check.sh            then copy $OUT's files into BENCHMARKS.md, device named
