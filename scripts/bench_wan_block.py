@@ -78,7 +78,8 @@ SHAPES = {  # the block shape; frame: latent (H, W); diffusers_frame: the latent
                  diffusers_frame=(60, 52)),
     "small": dict(dim=128, heads=2, ffn=256, text_dim=64, text_len=32, frame=(8, 12), diffusers_frame=(8, 12)),
 }
-MODES = {"global": dict(local=-1, sink=0)}  # their local_attn_size / sink_size
+MODES = {"global": dict(local=-1, sink=0),          # their local_attn_size / sink_size
+         "local12_sink3": dict(local=12, sink=3)}   # LongLive's setting: 3 sink frames + 6 recent + the chunk
 H100_BF16_DENSE = 989e12                   # FLOP/s, NVIDIA's published dense bf16 (SXM)
 SF_PUBLISHED_FPS = 17.0                    # Self-Forcing's paper: 17 FPS on one H100
 PARITY_BOUND = 1e-4
@@ -90,13 +91,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device) -> tuple[float, object]:
-    """(seconds, result) of one call, the device synchronised on both sides."""
+def timed(fn, device) -> tuple[float, float, object]:
+    """(wall seconds, this process's CPU seconds, result) of one call, the device synchronised on
+    both sides. CPU seconds count every thread: on a shared machine, wall much above CPU / threads
+    means the call waited for a core."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     sync(device)
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def loadavg() -> list[float]:
@@ -173,7 +176,7 @@ def diffusers_model(theirs, shape: dict, mode: dict):
 class Inputs:
     """Everything the calls read, from one seed: the chunk, the text states, the cached window K/V."""
 
-    def __init__(self, shape: dict, seed: int, device, dtype):
+    def __init__(self, shape: dict, seed: int, device, dtype, frames: int = WINDOW):
         g = torch.Generator().manual_seed(seed)
         H, W = shape["frame"]
         S, heads, d = tokens_per_frame(shape["frame"]), shape["heads"], shape["dim"] // shape["heads"]
@@ -182,7 +185,7 @@ class Inputs:
         self.states = r(1, shape["text_len"], shape["text_dim"])          # all 512 positions
         self.window_k = r(1, heads, CACHED, S, d)                          # (B, H, frames, S, d), rotated keys
         self.window_v = r(1, heads, CACHED, S, d)
-        self.x_recompute = r(1, 16, WINDOW, *shape["diffusers_frame"])
+        self.x_recompute = r(1, 16, frames, *shape["diffusers_frame"])  # [window || chunk]
         self.S, self.heads, self.d = S, heads, d
 
 
@@ -194,13 +197,14 @@ class Ours:
     def __init__(self, model, inputs: Inputs):
         self.model, self.inp = model, inputs
         B = 1
-        self.cache = model.new_cache(B)
-        for k, v in zip(self.cache.k, self.cache.v):
-            self.cache.slots(k, 0, CACHED).copy_(inputs.window_k)
-            self.cache.slots(v, 0, CACHED).copy_(inputs.window_v)
-        self.cache.advance(CACHED)
-        self.saved = [b.clone() for b in self.cache.k + self.cache.v]
-        self.counters = {k: v for k, v in vars(self.cache).items() if isinstance(v, int)}
+        self.cache = c = model.new_cache(B)
+        n = c.capacity  # window slots: 18 (global), or 3 sink + 6 recent (local 12 + sink 3)
+        for k, v in zip(c.k, c.v):
+            c.slots(k, 0, n).copy_(inputs.window_k[:, :, :n])
+            c.slots(v, 0, n).copy_(inputs.window_v[:, :, :n])
+        c.advance(CACHED)  # the chunk is frames 18-20, as theirs at current_start = 18 frames
+        self.saved = [b.clone() for b in c.k + c.v + getattr(c, "sink_k", [])]
+        self.counters = {k: v for k, v in vars(c).items() if isinstance(v, int)}
         self.cond = model.transformer.condition(inputs.states)  # text K/V: once per prompt
         dev, self.t = inputs.x.device, {}
         for name, t in (("denoise", T_DENOISE), ("write", T_WRITE)):
@@ -212,16 +216,19 @@ class Ours:
     def write(self):
         return self.model.forward_cached(self.inp.x, self.t["write"], self.cache, self.cond, write=True)
 
-    def reset(self):
-        for b, s in zip(self.cache.k + self.cache.v, self.saved):
+    def reset(self, call: str = "denoise"):
+        """Undo a write (untimed): the buffers copied back, the counters as after the pre-fill."""
+        c = self.cache
+        for b, s in zip(c.k + c.v + getattr(c, "sink_k", []), self.saved):
             b.copy_(s)
-        vars(self.cache).update(self.counters)
-        self.cache._staged.clear()
+        vars(c).update(self.counters)
+        c._staged.clear()
 
     def written(self):
         """The chunk's K/V as the write left them in the ring, in their layout (B, q*S, H, d)."""
         c = self.cache
-        slots = [(CACHED + i) % c.capacity for i in range(CHUNK)]
+        slot = getattr(c, "slot_of", lambda f: f % c.capacity)
+        slots = [slot(CACHED + i) for i in range(CHUNK)]
         f = lambda buf: buf[:, :, slots].permute(0, 2, 3, 1, 4).flatten(1, 2)  # noqa: E731
         return f(c.k[0]), f(c.v[0])
 
@@ -259,33 +266,50 @@ class Theirs:
         S, dev = inputs.S, inputs.x.device
         self.kv = sfp.their_kv_cache(1, 1, mode["local"], S, inputs.heads, inputs.d, dtype, dev)
         to_theirs = lambda w: w.permute(0, 2, 3, 1, 4).flatten(1, 2)  # noqa: E731 (B,H,F,S,d) -> (B,F*S,H,d)
+        self.local, sink = mode["local"], mode["sink"]
         for c in self.kv:
-            c["k"][:, :CACHED * S] = to_theirs(inputs.window_k)
-            c["v"][:, :CACHED * S] = to_theirs(inputs.window_v)
+            for name, w in (("k", inputs.window_k), ("v", inputs.window_v)):
+                if self.local == -1:  # global: 18 frames written, room for the chunk after them
+                    c[name][:, :CACHED * S] = to_theirs(w)
+                else:  # full: [sink | the chunk-long run their roll evicts | recent]; the same frames as ours
+                    recent = self.local - CHUNK - sink
+                    c[name][:, :sink * S] = to_theirs(w[:, :, :sink])
+                    c[name][:, sink * S:(sink + CHUNK) * S] = to_theirs(w[:, :, -CHUNK:])  # evicted: any values
+                    c[name][:, (self.local - recent) * S:] = to_theirs(w[:, :, sink:sink + recent])
             c["k"], c["v"] = c["k"].as_subclass(_CacheBuffer), c["v"].as_subclass(_CacheBuffer)
         self.saved = [(c["k"].clone().as_subclass(torch.Tensor), c["v"].clone().as_subclass(torch.Tensor))
-                      for c in self.kv] if mode["local"] != -1 else None
+                      for c in self.kv] if self.local != -1 else None
         heads, d, L = inputs.heads, inputs.d, model.text_len
         self.cross = [{"k": torch.zeros(1, L, heads, d, dtype=dtype, device=dev),
                        "v": torch.zeros(1, L, heads, d, dtype=dtype, device=dev), "is_init": False}]
         self.t = {name: torch.full((1, CHUNK), t, dtype=torch.float32, device=dev)
                   for name, t in (("denoise", T_DENOISE), ("write", T_WRITE))}
         self.start = CACHED * S
-        self.reset()
+        self.reset("denoise_evicting")
 
     def _call(self, t):
         return self.model(self.inp.x, t=t, context=self.inp.states, seq_len=WINDOW * self.inp.S,
                           kv_cache=self.kv, crossattn_cache=self.cross, current_start=self.start)
 
     def denoise(self):
+        """A denoising call; in a local window one of steps 2-4 (their cache already rolled)."""
+        return self._call(self.t["denoise"])
+
+    def denoise_evicting(self):
+        """A local window's first denoising call of a chunk: it rolls their cache (evicts 3 frames)."""
         return self._call(self.t["denoise"])
 
     def write(self):
-        return self._call(self.t["write"])  # their clean pass (context_noise = 0): its output is unused
+        """Their clean pass (context_noise = 0), its output unused; in a local window after the roll."""
+        return self._call(self.t["write"])
 
-    def reset(self):
+    def reset(self, call: str = "denoise"):
+        """The pre-filled state as ``call`` finds it: in a local window ``denoise_evicting`` (a chunk's
+        first call) before their roll, ``denoise`` and ``write`` after it (their end indices at the
+        chunk's end: no roll); in the global window every call finds the same state."""
+        rolled = self.local != -1 and call != "denoise_evicting"
         for i, c in enumerate(self.kv):
-            c["global_end_index"].fill_(self.start)
+            c["global_end_index"].fill_(self.start + (CHUNK * self.inp.S if rolled else 0))
             c["local_end_index"].fill_(min(self.start, c["k"].shape[1]))
             if self.saved is not None:
                 with torch._C.DisableTorchFunctionSubclass():
@@ -315,7 +339,7 @@ class Diffusers:
     def denoise(self):
         return self.model(self.inp.x_recompute, self.t, self.inp.states, return_dict=False)[0]
 
-    def reset(self):
+    def reset(self, call: str = "denoise"):
         pass
 
 
@@ -422,13 +446,14 @@ def call_flops(dim: int, ffn: int, tokens: int, keys: int, text_len: int, blocks
                                             total=lin + self_attn + cross).items()}
 
 
-def projection(mfu: float) -> dict:
+def projection(mfu: float, window: int = WINDOW) -> dict:
     """Full 30-block Wan-1.3B on one H100, bf16: FLOPs per chunk (4 calls + 1 write) over 989 TFLOP/s
-    x ``mfu``. A PROJECTION, not a measurement; VAE decode and the text encoder not counted."""
+    x ``mfu``, chunks seeing ``window`` frames (themselves included). A PROJECTION, not a
+    measurement; VAE decode and the text encoder not counted."""
     S, blocks = 1560, 30
     per_chunk = lambda window: 5 * call_flops(1536, 8960, CHUNK * S, window * S, 512, blocks)["total"]  # noqa: E731
-    full = per_chunk(WINDOW)
-    video = sum(per_chunk(CHUNK * (k + 1)) for k in range(7))  # their 81-frame video: chunks see 3, 6, ..., 21 frames
+    full = per_chunk(window)
+    video = sum(per_chunk(min(CHUNK * (k + 1), window)) for k in range(7))  # 81 frames: chunks see 3, 6, ... frames
     rate = H100_BF16_DENSE * mfu
     return dict(label="PROJECTION (roofline, not measured)", blocks=blocks, mfu_assumed=mfu,
                 peak_flops=H100_BF16_DENSE, tflop_per_chunk_full_window=round(full / 1e12, 1),
@@ -447,15 +472,17 @@ def rel(a, b) -> float:
 
 
 def parity(ours: Ours, theirs: Theirs, diffusers: Diffusers, ours_model, inputs: Inputs) -> dict:
-    """Ours against theirs (denoising output; K/V written) and ours against diffusers (full forward)."""
+    """Ours against theirs (a chunk's first denoising output; the K/V its write leaves) and ours
+    (full-sequence forward, no mask) against diffusers over the recomputed frames."""
     with torch.no_grad():
-        out = dict(denoise=rel(ours.denoise(), theirs.denoise()))
-        ours.write(), theirs.write()
+        ours.reset(), theirs.reset("denoise_evicting")
+        out = dict(denoise=rel(ours.denoise(), theirs.denoise_evicting()))  # a chunk's first call
+        ours.write(), theirs.write()  # theirs: as their pipeline, after its first call (rolled, if local)
         (ok_, ov), (tk, tv) = ours.written(), theirs.written()
         out["write_k"], out["write_v"] = rel(ok_, tk), rel(ov, tv)
         ours.reset(), theirs.reset()
         x = inputs.x_recompute
-        t = torch.full((1, WINDOW), T_DENOISE, dtype=torch.float64, device=x.device)
+        t = torch.full(x.shape[:1] + x.shape[2:3], T_DENOISE, dtype=torch.float64, device=x.device)
         full = ours_model.transformer(x, t, inputs.states, mask=None)
         out["ours_full_forward_vs_diffusers"] = rel(full, diffusers.denoise())
     out["ok"] = max(out.values()) <= PARITY_BOUND
@@ -494,7 +521,8 @@ def main(argv=None):
         diff_net = diffusers_model(their_net, shape, mode)
     if (dev.type, dtype) != ("cpu", torch.float32):  # built on the CPU in float32
         their_net, our_net, diff_net = (m.to(dev, dtype) for m in (their_net, our_net, diff_net))
-    inputs = Inputs(shape, a.seed + 1, dev, dtype)
+    window = WINDOW if mode["local"] == -1 else mode["local"]  # frames a chunk's queries see, itself included
+    inputs = Inputs(shape, a.seed + 1, dev, dtype, frames=window)
     ours, theirs, diffusers = Ours(our_net, inputs), Theirs(their_net, inputs, mode, dtype), Diffusers(diff_net, inputs, dtype)
     S, text_len = inputs.S, shape["text_len"]
     print(f"{device_name(a.device)}; torch {torch.__version__}; {a.mode}; "
@@ -503,7 +531,7 @@ def main(argv=None):
     report = dict(what="one Wan block (depth 1): a denoising call and a write per implementation, window "
                        "pre-filled with 18 of 21 frames", mode=a.mode, shape=shape, tokens_per_frame=S,
                   diffusers_tokens_per_frame=tokens_per_frame(shape["diffusers_frame"]),
-                  chunk_frames=CHUNK, window_frames=WINDOW, cached_frames=CACHED, dtype=a.dtype,
+                  chunk_frames=CHUNK, window_frames=window, cached_frames=CACHED, dtype=a.dtype,
                   device=device_name(a.device), torch=torch.__version__, threads=torch.get_num_threads(),
                   reference=sfp.reference_commit(a.reference.resolve()), patches=sfp.PATCHES,
                   load_average_start=load_start)
@@ -516,31 +544,38 @@ def main(argv=None):
     for impl in (ours, theirs):
         impl.denoise()
         impl.reset()
-    calls = {"ours": ("denoise", "write"), "theirs": ("denoise", "write"), "diffusers": ("denoise",)}
+    local = mode["local"] != -1  # their local window: a chunk's first call rolls their cache, the others not
+    calls = {"ours": ("denoise", "write"), "diffusers": ("denoise",),
+             "theirs": ("denoise", "write") + (("denoise_evicting",) if local else ())}
     impls = {"ours": ours, "theirs": theirs, "diffusers": diffusers}
-    rounds = []
+    rounds, rounds_cpu = [], []
     for r in range(2):
-        row = {}
+        row, row_cpu = {}, {}
         for name, impl in impls.items():
             for call in calls[name]:
+                impl.reset(call)
+                s, cpu, _ = timed(getattr(impl, call), dev)
                 impl.reset()
-                s, _ = timed(getattr(impl, call), dev)
-                impl.reset()
-                row[f"{name} {call}"] = round(s * 1e3, 1)
-                print(f"round {r + 1}: {name} {call} {s * 1e3:.1f} ms  (load {loadavg()})", flush=True)
+                row[f"{name} {call}"], row_cpu[f"{name} {call}"] = round(s * 1e3, 1), round(cpu * 1e3, 1)
+                print(f"round {r + 1}: {name} {call} {s * 1e3:.1f} ms (CPU {cpu * 1e3:.1f} ms)  "
+                      f"(load {loadavg()})", flush=True)
         rounds.append(row)
+        rounds_cpu.append(row_cpu)
     ms = {k: round(sum(row[k] for row in rounds) / len(rounds), 1) for k in rounds[0]}
 
     breakdown = {}
     if dev.type == "cpu":
         for name, impl in impls.items():
             for call in calls[name]:
-                impl.reset()
+                impl.reset(call)
                 breakdown[f"{name} {call}"] = profiled(getattr(impl, call), ref, text_len)
                 impl.reset()
                 print(f"profiled: {name} {call} {breakdown[f'{name} {call}']}", flush=True)
 
     step = {name: 4 * ms[f"{name} denoise"] + ms.get(f"{name} write", 0.0) for name in impls}
+    if local:  # theirs: the chunk's first call rolls, the next 3 and the write do not
+        step["theirs"] = ms["theirs denoise_evicting"] + 3 * ms["theirs denoise"] + ms["theirs write"]
+    step = {k: round(v, 1) for k, v in step.items()}
     diff_scale = None
     if shape["diffusers_frame"] != shape["frame"]:
         b = breakdown.get("diffusers denoise")
@@ -557,10 +592,10 @@ def main(argv=None):
                   denoise_ours_over_theirs=round(ms["ours denoise"] / ms["theirs denoise"], 3),
                   write_ours_over_theirs=round(ms["ours write"] / ms["theirs write"], 3))
     q_tokens = CHUNK * S
-    keys = (WINDOW if mode["local"] == -1 else mode["local"]) * S
+    keys = window * S
     flops = call_flops(shape["dim"], shape["ffn"], q_tokens, keys, text_len)
     report.update(
-        rounds_ms=rounds, mean_ms=ms, step_ms=step, diffusers_scaling=diff_scale, ratios=ratios,
+        rounds_ms=rounds, rounds_cpu_ms=rounds_cpu, mean_ms=ms, step_ms=step, diffusers_scaling=diff_scale, ratios=ratios,
         goals=dict(step_le_1x_theirs=ratios["step_ours_over_theirs"] <= 1.0,
                    step_le_0_2x_diffusers=ratios["step_ours_over_diffusers"] <= 0.2,
                    cache_bytes_equal_formula=ours.cache_bytes()["equal_to_formula"]),
@@ -570,7 +605,7 @@ def main(argv=None):
         flops_per_call=flops,
         gflops_per_s={k: round(flops["total"] / (v / 1e3) / 1e9, 1) for k, v in ms.items()
                       if not k.startswith("diffusers")},
-        projection=projection(a.mfu), load_average_end=loadavg(),
+        projection=projection(a.mfu, window), load_average_end=loadavg(),
         command="PYTHONPATH=. python scripts/bench_wan_block.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(json.dumps({k: report[k] for k in ("mean_ms", "step_ms", "ratios", "goals", "cache_bytes", "projection",
                                              "load_average_end")}, indent=1))
