@@ -255,7 +255,7 @@ class KVCache:
             K, V = K.clone(), V.clone()
             self.k[block], self.v[block] = K, V
         keep = [i for i, f in enumerate(frames) if f in window]
-        for i in keep:  # (at most a window of frames; runs of consecutive slots copy together)
+        for i in keep:  # one frame at a time: a re-cache, once per prompt switch
             dst = self.slot_of(frames[i])
             self.slots(K, dst, dst + 1).copy_(self.slots(k, i, i + 1))
             self.slots(V, dst, dst + 1).copy_(self.slots(v, i, i + 1))
