@@ -13,6 +13,8 @@ The engine's view of a config (``Backbone.config``):
     prefix_frames        given first frames (0: a prompt alone starts the video)
     max_context_frames   P_max: clean frames the cache keeps and a chunk attends to, its own
                          frames not counted (Wan's "window of 21 latent frames" is 18 + a chunk of 3)
+    layout               the ``layout.ChunkLayout`` of these (with ``sink_frames``: the first frames
+                         that never leave the window)
     frame_size           (H, W) of a frame in the model's space (latent frames for a latent model)
     in_channels          channels of a frame
     conditioning         "none", "class" or "text"

@@ -5,8 +5,11 @@ clean frames, followed by l staging slots where the chunk being denoised puts it
 attention reads one contiguous slice ``[0, n + q)`` with no concatenation. Keys are order-free
 (positions are already inside them), so a write that wraps around the ring needs no reordering.
 The frame counter is a host integer: no ``torch.roll``, no ``.item()``, no copy of the cache.
-Which frames the window holds is ``layout.ChunkLayout``'s definition.
+Which frames the window holds is ``layout.ChunkLayout``'s definition; with sink frames the first s
+slots hold them for good and the ring is the P_max - s slots after them.
 """
+
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -19,8 +22,14 @@ class KVCache:
     Layout per block: ``k[b]``, ``v[b]`` of shape (B, S, H, P_max + l, d) (``frames_dim`` 3: the
     factorized backbone's temporal attention, per token), or (B, H, P_max + l, S, d) (``frames_dim``
     2: full spatio-temporal attention, where a chunk attends to every token of the window): slots
-    [0, P_max) are the ring, slot of absolute frame n is ``n mod P_max``; slots [n_valid, n_valid + q)
-    stage the chunk being denoised. With prefix enhancement, ``pk[b]``, ``pv[b]`` of shape (B, H, R, S, d)
+    [0, P_max) are the window, slot of absolute frame n is ``slot_of(n)``: n mod P_max, or with
+    ``sink_frames`` s, n for a sink frame (n < s, never evicted) and s + (n - s) mod (P_max - s) for
+    the others; slots [n_valid, n_valid + q) stage the chunk being denoised.
+
+    Re-based RoPE (``rebase``, a function moving keys by a number of frames): the sink's keys as
+    written are kept in ``sink_k[b]`` and the sink slots hold them moved forward by the frames
+    evicted so far (``sink_shift``), re-made once per chunk, so that every chunk sees the sink right
+    before its window (``wan.WanTransformer.sink_shifts`` states the rule). With prefix enhancement, ``pk[b]``, ``pv[b]`` of shape (B, H, R, S, d)
     hold the spatial K/V of the last R clean frames (a ring of R slots, no staging needed).
 
     One clean write pass per chunk fills it (``stage`` then ``commit`` in every block, then
@@ -32,9 +41,11 @@ class KVCache:
 
     def __init__(self, layout: ChunkLayout, depth: int, batch: int, tokens: int, heads: int,
                  head_dim: int, prefix_enhance_frames: int = 0, dtype=torch.float32, device=None,
-                 frames_dim: int = 3):
+                 frames_dim: int = 3, rebase: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
         self.layout = layout
         self.capacity = layout.max_context_frames
+        self.sink = layout.sink_frames
+        self.ring = self.capacity - self.sink  # slots that rotate
         self.staging = max(layout.chunk_frames, layout.prefix_frames)
         self.batch, self.tokens, self.heads, self.head_dim = batch, tokens, heads, head_dim
         self.dtype = dtype
@@ -45,18 +56,50 @@ class KVCache:
         shape = (batch, heads, slots, tokens, head_dim) if frames_dim == 2 else (batch, tokens, heads, slots, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(depth)]
+        self.rebase = rebase if self.sink else None
+        sshape = shape[:frames_dim] + (self.sink,) + shape[frames_dim + 1:]
+        self.sink_k = [torch.zeros(sshape, dtype=dtype, device=device) for _ in range(depth)] if self.rebase else []
         self.prefix_capacity = prefix_enhance_frames
         pshape = (batch, heads, prefix_enhance_frames, tokens, head_dim)  # (B, H, R, S, d)
         self.pk = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(depth)] if prefix_enhance_frames else []
         self.pv = [torch.zeros(pshape, dtype=dtype, device=device) for _ in range(depth)] if prefix_enhance_frames else []
         self.frames_written = 0  # host integer: clean frames written so far (absolute index of the next)
         self._staged = {}        # block -> the chunk's (k, v), staged out of place under autograd
+        self.sinks_kept = False  # an empty cache whose sink slots were taken from another (``keep_sinks``)
 
     # -- bookkeeping (host integers only) ------------------------------------------------------
     @property
     def window_len(self) -> int:
         """Number of valid frames in the ring (the window the next chunk attends to)."""
         return min(self.frames_written, self.capacity)
+
+    def slot_of(self, frame: int) -> int:
+        """The window slot of absolute frame ``frame``."""
+        if frame < self.sink:
+            return frame
+        return self.sink + (frame - self.sink) % self.ring
+
+    @property
+    def sink_shift(self) -> int:
+        """Frames evicted so far: how far re-based RoPE moves the sink's keys."""
+        return max(0, self.frames_written - self.capacity)
+
+    def _placements(self, frames: Sequence[int], src0: int, in_place: bool) -> list[tuple[int, int, int]]:
+        """Runs (src, dst, length) that put frames[i] (staged at src0 + i) into its window slot:
+        frames that a later one of them evicts are skipped, and in place ones that are already there."""
+        last = frames[-1] if frames else 0
+        runs = []
+        for i, f in enumerate(frames):
+            if f >= self.sink and f + self.ring <= last:  # evicted again by a later frame of these
+                continue
+            src, dst = src0 + i, self.slot_of(f)
+            if in_place and src == dst:
+                continue
+            if runs and runs[-1][0] + runs[-1][2] == src and runs[-1][1] + runs[-1][2] == dst:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((src, dst, 1))
+        return runs
 
     @property
     def prefix_len(self) -> int:
@@ -119,24 +162,38 @@ class KVCache:
     def commit(self, block: int, q: int) -> None:
         """Move the staged chunk's K/V into the ring (FIFO, oldest frames evicted).
 
-        Staged frame i sits in slot n + i and belongs in slot (frames_written + i) mod P_max. Before
-        the ring is full those are equal; the rest form one contiguous run modulo P_max, copied in at
-        most two slices from the staging area (disjoint from the ring, so no transient copy).
+        Staged frame i sits in slot n + i and belongs in ``slot_of(frames_written + i)``. Before the
+        window is full those are equal; the rest form at most two contiguous runs, copied from the
+        staging area (disjoint from the window, so no transient copy).
         """
-        c, n, cap = self.frames_written, self.window_len, self.capacity
+        c, n = self.frames_written, self.window_len
+        frames = list(range(c, c + q))
         if block in self._staged:  # out of place: fresh buffers, the old ones stay as autograd saw them
             k, v = self._staged.pop(block)
-            first = max(0, q - cap)  # of a chunk longer than the ring only its last cap frames stay
             new_k, new_v = self.k[block].clone(), self.v[block].clone()
-            for src, dst, length in _ring_runs(first, (c + first) % cap, q - first, cap):
+            for src, dst, length in self._placements(frames, 0, in_place=False):
                 self.slots(new_k, dst, dst + length).copy_(self.slots(k, src, src + length))
                 self.slots(new_v, dst, dst + length).copy_(self.slots(v, src, src + length))
             self.k[block], self.v[block] = new_k, new_v
-            return
-        first = max(0, cap - n, q - cap)  # staged frames that are not already in place
-        for src, dst, length in _ring_runs(n + first, (c + first) % cap, q - first, cap):
-            for buf in (self.k[block], self.v[block]):
-                self.slots(buf, dst, dst + length).copy_(self.slots(buf, src, src + length))
+        else:
+            for src, dst, length in self._placements(frames, n, in_place=True):
+                for buf in (self.k[block], self.v[block]):
+                    self.slots(buf, dst, dst + length).copy_(self.slots(buf, src, src + length))
+        if self.rebase and c < self.sink:  # sink keys as written (no frame evicted yet: the slots hold them)
+            self._keep_sink_keys(block)
+
+    def _keep_sink_keys(self, block: int) -> None:
+        """Copy the sink slots' keys, as written, into ``sink_k`` (while no frame is evicted)."""
+        keys = self.slots(self.k[block], 0, self.sink)
+        self.sink_k[block] = keys.clone() if self.differentiable(keys) else self.sink_k[block].copy_(keys)
+
+    def _shift_sinks(self) -> None:
+        """Re-make every block's sink slots: the kept sink keys moved by ``sink_shift`` frames."""
+        for b in range(len(self.k)):
+            K = self.k[b]
+            if self.differentiable(K):
+                K = self.k[b] = K.clone()
+            self.slots(K, 0, self.sink).copy_(self.rebase(self.sink_k[b], self.sink_shift))
 
     # -- prefix-enhancement K/V ---------------------------------------------------------------
     def prefix(self, block: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -162,70 +219,110 @@ class KVCache:
             self.pv[block][:, :, dst:dst + length] = v[:, :, src:src + length]
 
     # -- re-cache: the whole window at once ------------------------------------------------------
-    def check_fill(self, batch: int, start: int, frames: int) -> None:
-        """Check that a re-cache of ``batch`` rows, clean frames [start, start + frames), fits this
-        cache: the same batch, and the frames end at a chunk boundary."""
+    def check_fill(self, batch: int, frames: Sequence[int]) -> None:
+        """Check that a re-cache of ``batch`` rows, clean frames at absolute indices ``frames``
+        (ascending), fits this empty cache: the same batch, the frames end at a chunk boundary and
+        cover the window they leave behind (``layout.window_before``; the sink frames may come from
+        ``keep_sinks`` instead)."""
         if self.batch != batch:
             raise ValueError(f"cache is for batch {self.batch}, video batch is {batch}")
-        end = start + frames
+        if self.frames_written:
+            raise RuntimeError("a re-cache writes a whole window into an empty cache; this one holds frames already")
+        frames = list(frames)
+        end = frames[-1] + 1
+        if frames != sorted(set(frames)):
+            raise ValueError("re-cached frames must be distinct and in order")
         if self.layout.chunk_start(self.layout.chunk_of(end)) != end:
             raise ValueError(f"a re-cache must end at a chunk boundary; frame {end} is not one")
+        if self.sinks_kept and frames[0] < self.sink:
+            raise ValueError("this cache kept its sink: re-cache the frames after it")
+        have = set(frames) | (set(range(self.sink)) if self.sinks_kept else set())
+        missing = [f for f in self.layout.window_before(end) if f not in have]
+        if missing:
+            raise ValueError(f"a re-cache must cover the window it leaves: frames {missing} of the window before "
+                             f"frame {end} are not given")
 
-    def fill(self, block: int, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """Write the K/V (F frames on the frames axis) of clean frames [start, start + F), computed together by one
-        masked forward (a re-cache), into the ring: frame n to slot n mod P_max, only the last P_max
-        kept. The frames must cover the whole window they leave behind (F >= min(start + F, P_max));
-        ``advance`` to start + F follows once every block is filled."""
-        Fr, cap = k.shape[self.dim], self.capacity
-        if self.frames_written:
-            raise RuntimeError("fill writes a whole window into an empty cache; this one holds frames already")
-        if Fr < min(start + Fr, cap):
-            raise ValueError(f"a re-cache must cover the window: {Fr} frames ending at frame {start + Fr} "
-                             f"leave {min(start + Fr, cap)} window slots")
+    def fill(self, block: int, k: torch.Tensor, v: torch.Tensor, frames: int | Sequence[int]) -> None:
+        """Write the K/V (F frames on the frames axis) of clean frames at absolute indices ``frames``
+        (or F consecutive frames from ``frames``), computed together by one masked forward (a
+        re-cache), into the window: each frame of the window they leave behind to its slot, the
+        earlier ones dropped. ``check_fill`` first; ``advance`` to the end once every block is filled."""
         K, V = self.k[block], self.v[block]
+        if isinstance(frames, int):
+            frames = range(frames, frames + k.shape[self.dim])
+        window = set(self.layout.window_before(frames[-1] + 1))
         if self.differentiable(K):
             K, V = K.clone(), V.clone()
             self.k[block], self.v[block] = K, V
-        first = max(0, Fr - cap)
-        for src, dst, length in _ring_runs(first, (start + first) % cap, Fr - first, cap):
-            self.slots(K, dst, dst + length).copy_(self.slots(k, src, src + length))
-            self.slots(V, dst, dst + length).copy_(self.slots(v, src, src + length))
+        keep = [i for i, f in enumerate(frames) if f in window]
+        for i in keep:  # one frame at a time: a re-cache, once per prompt switch
+            dst = self.slot_of(frames[i])
+            self.slots(K, dst, dst + 1).copy_(self.slots(k, i, i + 1))
+            self.slots(V, dst, dst + 1).copy_(self.slots(v, i, i + 1))
+        if self.rebase and not self.sinks_kept:
+            self._keep_sink_keys(block)
+
+    def keep_sinks(self, other: "KVCache") -> None:
+        """Take the sink frames' K/V of ``other`` (a cache of the same stream, past its sink) into
+        this empty one: a re-cache that keeps the sink as it was and re-encodes the rest."""
+        if self.frames_written or other.frames_written < self.sink or not self.sink:
+            raise RuntimeError("keep_sinks copies a written sink into an empty cache")
+        for b in range(len(self.k)):
+            keys = other.sink_k[b] if other.rebase else self.slots(other.k[b], 0, self.sink)
+            self.slots(self.k[b], 0, self.sink).copy_(keys)
+            self.slots(self.v[b], 0, self.sink).copy_(self.slots(other.v[b], 0, self.sink))
+            if self.rebase:
+                self.sink_k[b].copy_(keys)
+        self.sinks_kept = True
+
+    def sink_kv(self, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink frames' K (as written, not moved) and V of one block."""
+        keys = self.sink_k[block] if self.rebase else self.slots(self.k[block], 0, self.sink)
+        return keys, self.slots(self.v[block], 0, self.sink)
 
     def copy_rows(self, other: "KVCache", rows: int) -> None:
         """Take the first ``rows`` batch rows of every buffer from ``other`` (the same window): a
         conditional half kept when the unconditional half is re-cached or dropped."""
         if other.frames_written != self.frames_written:
             raise RuntimeError(f"caches hold {other.frames_written} and {self.frames_written} frames")
-        for mine, theirs in zip(self.k + self.v + self.pk + self.pv, other.k + other.v + other.pk + other.pv):
+        for mine, theirs in zip(self.k + self.v + self.pk + self.pv + self.sink_k,
+                                other.k + other.v + other.pk + other.pv + other.sink_k):
             mine[:rows].copy_(theirs[:rows])
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        """Every K/V buffer by name (``k.0``, ``v.0``, ``pk.0``, ...): what a saved stream stores."""
+        """Every K/V buffer by name (``k.0``, ``v.0``, ``pk.0``, ``sk.0``, ...): what a saved stream stores."""
         out = {}
-        for name, bufs in (("k", self.k), ("v", self.v), ("pk", self.pk), ("pv", self.pv)):
+        for name, bufs in (("k", self.k), ("v", self.v), ("pk", self.pk), ("pv", self.pv), ("sk", self.sink_k)):
             out.update({f"{name}.{i}": b for i, b in enumerate(bufs)})
         return out
 
     def advance(self, q: int) -> None:
-        """Count q newly written clean frames (after every block has committed them)."""
+        """Count q newly written clean frames (after every block has committed them); with re-based
+        RoPE, move the sink's keys when frames were evicted."""
+        shift = self.sink_shift
         self.frames_written += q
+        self.sinks_kept = False
+        if self.rebase and self.sink_shift != shift:
+            self._shift_sinks()
 
     # -- size ------------------------------------------------------------------------------------
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache: every K/V buffer, staging slots and prefix ring included."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.pk + self.pv)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.pk + self.pv + self.sink_k)
 
     def formula_bytes(self) -> int:
         """The same size from the formula: depth x S x 2*hidden x bytes per frame, times frames.
 
         Frames = B x (P_max + staging) for the temporal ring plus B x R for the prefix ring, where
-        B already includes the factor 2 of classifier-free guidance.
+        B already includes the factor 2 of classifier-free guidance; with re-based RoPE, plus the
+        sink's keys as written (K only: half a frame each, B x s of them).
         """
         depth, hidden = len(self.k), self.heads * self.head_dim
         per_frame = depth * self.tokens * 2 * hidden * torch.empty((), dtype=self.dtype).element_size()
         frames = self.batch * (self.capacity + self.staging + self.prefix_capacity)
-        return per_frame * frames
+        sink_keys = self.batch * self.sink * per_frame // 2 if self.rebase else 0
+        return per_frame * frames + sink_keys
 
     def window_bytes(self) -> int:
         """The paper's figure, the window alone (docs/CONCEPTS.md §4):

@@ -13,7 +13,10 @@
 
 Positions are absolute latent frame indices (RoPE angles in float64), so K/V written at frame n
 stay valid for every later chunk. The cache window is Wan's attention window less the chunk: with
-Self-Forcing's 21 latent frames and chunks of 3, the ring keeps 18 frames.
+Self-Forcing's 21 latent frames and chunks of 3, the ring keeps 18 frames. With ``sink_frames``
+(LongLive: a window of 12 with 3 sink frames) the sink keeps its own slots and only the rest
+rotates; with ``rope_positions='rebased'`` the cache moves the sink's keys as frames are evicted
+(``WanTransformer.sink_shifts`` states the rule).
 """
 
 from dataclasses import dataclass
@@ -51,8 +54,10 @@ class CausalWanConfig:
         if len(self.frame_size) != 2 or self.frame_size[0] % ph or self.frame_size[1] % pw or min(self.frame_size) < 1:
             raise ValueError(f"frame_size {self.frame_size} must be two positive sizes divisible by the patch "
                              f"{ph}x{pw}")
-        if self.wan.sink_frames:
-            raise ValueError("sink frames are not run by the engine yet: use sink_frames=0")
+        if self.wan.sink_frames and self.max_context_frames <= self.wan.sink_frames:
+            raise ValueError(f"a window of {self.wan.max_context_frames} frames with {self.wan.sink_frames} sink frames "
+                             f"and chunks of {self.chunk_frames} leaves no frame of the window to slide: make "
+                             "max_context_frames larger than sink_frames + chunk_frames")
         if not self.flow_shift > 0:
             raise ValueError(f"flow_shift must be positive, got {self.flow_shift}")
 
@@ -75,8 +80,9 @@ class CausalWanConfig:
 
     @property
     def layout(self) -> ChunkLayout:
-        """Chunks of ``chunk_frames`` from frame 0, each attending to the P_max frames before it."""
-        return ChunkLayout(0, self.chunk_frames, self.max_context_frames)
+        """Chunks of ``chunk_frames`` from frame 0, each attending to the P_max frames before it (the
+        sink frames and the most recent others)."""
+        return ChunkLayout(0, self.chunk_frames, self.max_context_frames, self.wan.sink_frames)
 
     @property
     def tokens(self) -> int:
@@ -214,11 +220,14 @@ class CausalWan(nn.Module):
         return self._x0(noisy, out[:, :, Fr:].to(x.dtype), t_noisy, x0)
 
     def new_cache(self, batch: int, dtype: torch.dtype | None = None) -> KVCache:
-        """An empty cache: per block a ring of P_max frames plus a chunk's staging slots, each frame
-        all S tokens' K/V, laid out (B, H, slots, S, d)."""
+        """An empty cache: per block a window of P_max frames (the sink's slots, then a ring) plus a
+        chunk's staging slots, each frame all S tokens' K/V, laid out (B, H, slots, S, d); with
+        re-based RoPE it moves the sink's keys as frames are evicted (``WanTransformer.shift_frames``)."""
         cfg = self.config
+        rebase = self.transformer.shift_frames if cfg.wan.rope_positions == "rebased" else None
         return KVCache(self.layout, cfg.depth, batch, cfg.tokens, cfg.wan.num_attention_heads,
-                       cfg.wan.attention_head_dim, dtype=dtype or self.dtype, device=self.device, frames_dim=2)
+                       cfg.wan.attention_head_dim, dtype=dtype or self.dtype, device=self.device, frames_dim=2,
+                       rebase=rebase)
 
     def forward_cached(self, x, t, cache: KVCache, cond: Condition | None = None, write: bool = False,
                        return_hidden: bool = False, x0: bool = False, modulation=None):
@@ -254,20 +263,29 @@ class CausalWan(nn.Module):
             return None
         return self._x0(x, tr.head_output(h, e, H, W).to(x.dtype), t, x0)
 
-    def fill_cache(self, frames, cache: KVCache, cond: Condition | None = None, start: int = 0) -> None:
-        """Re-cache: clean frames [start, start + F) through one block-causal forward over them alone;
-        every block's K/V written into the empty ``cache``, which then continues after them."""
+    def fill_cache(self, frames, cache: KVCache, cond: Condition | None = None, start=0) -> None:
+        """Re-cache: clean frames [start, start + F) (``start`` a list: every frame's absolute index,
+        e.g. the sink frames then the recent ones) through one block-causal forward over them alone;
+        every block's K/V written into the empty ``cache``, which then continues after them. When the
+        cache kept its sink (``KVCache.keep_sinks``), the frames attend to its K/V as well."""
         B, Fr = frames.shape[0], frames.shape[2]
         t = torch.zeros(B, Fr, dtype=torch.float64, device=frames.device)
         cond = self._check(frames, t, cond)
-        cache.check_fill(B, start, Fr)
+        idx = self.transformer.frame_indices(start, Fr)
+        cache.check_fill(B, idx)
+        kept = cache.sinks_kept
 
         def keep(i, k, v):
-            cache.fill(i, k, v, start)
-            return k, v
+            cache.fill(i, k, v, idx)
+            if not kept:
+                return k, v
+            sk, sv = cache.sink_kv(i)  # (B, H, s, S, d): the sink as written, before these frames
+            return torch.cat([sk.to(k.dtype), k], dim=2), torch.cat([sv.to(v.dtype), v], dim=2)
 
-        self.transformer(frames, t, cond, mask="block-causal", frames=start, keys=keep)  # its head's output unused
-        cache.advance(start + Fr)
+        key_frames = list(range(cache.sink)) + idx if kept else None
+        self.transformer(frames, t, cond, mask="block-causal", frames=idx, keys=keep,
+                         key_frames=key_frames)  # its head's output unused
+        cache.advance(idx[-1] + 1)
 
 
 def load_causal_wan(path, config: WanConfig | str | None = None, frame_size=(60, 104), flow_shift: float = 5.0,

@@ -333,6 +333,7 @@ def _export(args):
         from .checkpoint import export_wan
 
         chunk = {k: v for k, v in (("chunk_frames", args.chunk_frames), ("max_context_frames", args.window),
+                                   ("sink_frames", args.sink_frames), ("rope_positions", args.rope_positions),
                                    ("entry", args.entry), ("lora", args.lora), ("lora_alpha", args.lora_alpha))
                  if v is not None}
         out = export_wan(args.checkpoint, args.out, args.wan_config, args.frame_size, args.flow_shift,
@@ -535,6 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "480x832 pixels)")
     w.add_argument("--chunk-frames", type=int, help="latent frames per chunk (default 3)")
     w.add_argument("--window", type=int, help="latent frames a chunk attends to, itself included (default 21)")
+    w.add_argument("--sink-frames", type=int, help="first latent frames every chunk attends to, counted in the "
+                                                   "window (LongLive: 3; default 0)")
+    w.add_argument("--rope-positions", choices=["absolute", "rebased"],
+                   help="absolute (Wan's; stops at frame 1024) or rebased (LongLive's: the sink, then the "
+                        "window; goes on); default absolute")
     w.add_argument("--flow-shift", type=float, default=5.0, help="the flow schedule's timestep shift (default 5)")
     w.add_argument("--entry", help="the state dict inside the file (default: generator_ema, else generator)")
     w.add_argument("--lora", help="a LoRA file merged into the weights (LongLive)")

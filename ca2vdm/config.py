@@ -48,7 +48,8 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     chunk_frames: int = 4           # l: frames per generated chunk
     prefix_frames: int = 1          # given first frames (chunk 0); 0 = a prompt alone starts the video
-    max_context_frames: int = 9     # P_max: cached frames a chunk attends to
+    max_context_frames: int = 9     # P_max: cached frames a chunk attends to (sink frames included)
+    sink_frames: int = 0            # s: first frames every later chunk attends to (LongLive's sink), 0: none
     temporal: str = "causal"        # "causal": the chunked causal attention set (cached generation);
                                     # "bidirectional": every frame of a clip sees every other (a teacher; no cache)
     clip_length: int | None = None  # "bidirectional": frames per clip, default cyclic_length
@@ -102,11 +103,17 @@ class ModelConfig:
             bad("prefix_frames", "must be 0 or more")
         if self.max_context_frames < self.prefix_frames:
             bad("max_context_frames", f"is smaller than the {self.prefix_frames} given prefix frames")
+        if self.sink_frames < 0 or (self.sink_frames and self.sink_frames >= self.max_context_frames):
+            bad("sink_frames", f"must be 0, or fewer than max_context_frames={self.max_context_frames}")
+        if self.sink_frames and self.prefix_enhance:
+            bad("sink_frames", "cannot be combined with prefix_enhance (use one or the other)")
         if self.temporal not in ("causal", "bidirectional"):
             bad("temporal", "must be 'causal' or 'bidirectional'")
         if self.temporal == "bidirectional":
             if self.prefix_frames:
                 bad("prefix_frames", "must be 0 for a bidirectional model (its clips start from the condition alone)")
+            if self.sink_frames:
+                bad("sink_frames", "must be 0 for a bidirectional model (a clip has no earlier frames to keep)")
             if self.prefix_enhance:
                 bad("prefix_enhance", "attends to earlier chunks' frames, which a bidirectional clip does not have")
             if self.clip_length < 1:
@@ -151,11 +158,13 @@ class ModelConfig:
 
     @property
     def layout(self) -> ChunkLayout:
-        return ChunkLayout(self.prefix_frames, self.chunk_frames, self.max_context_frames)
+        return ChunkLayout(self.prefix_frames, self.chunk_frames, self.max_context_frames, self.sink_frames)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["frame_size"] = list(self.frame_size)
+        if not d["sink_frames"]:  # configs (and saved streams) from before sinks existed stay equal
+            del d["sink_frames"]
         return d
 
     @classmethod

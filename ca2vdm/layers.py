@@ -75,7 +75,8 @@ class FrameContext:
     rope: (cos, sin) per frame, (F, d/2) or (B, 1, 1, F, d/2) per row, or None. mask: (F, F)
     temporal attention set for a full-sequence forward. cache and write: the KV cache of a cached
     forward and whether this is the clean write pass. fill: a full-sequence forward over clean
-    frames [fill, fill + F) that also writes their K/V into the empty ``cache`` (a re-cache).
+    frames at absolute indices ``fill`` that also writes their K/V into the empty ``cache`` (a
+    re-cache; when the cache kept its sink, the sink's K/V are read too and ``mask`` covers them).
     prefix_groups: full-sequence prefix enhancement, (query span, key span) in local indices.
     tap: a block whose gated temporal-attention residual is kept in ``tapped`` (step caching).
     """
@@ -85,7 +86,7 @@ class FrameContext:
     mask: torch.Tensor | None = None
     cache: KVCache | None = None
     write: bool = False
-    fill: int | None = None
+    fill: list | None = None
     prefix_groups: list = field(default_factory=list)
     tap: int = -1
     tapped: torch.Tensor | None = None
@@ -192,7 +193,11 @@ class TemporalAttention(nn.Module):
         if ctx.rope is not None:  # keys are rotated at their absolute frame index before caching
             q, k = RoPE.rotate(q, *ctx.rope), RoPE.rotate(k, *ctx.rope)
         if ctx.cache is None or ctx.fill is not None:
-            out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), ctx.mask)
+            kk, vv = k, v
+            if ctx.fill is not None and ctx.cache.sinks_kept:  # a re-cache that keeps the sink: read it too
+                sk, sv = ctx.cache.sink_kv(block)
+                kk, vv = torch.cat([sk.to(k.dtype), k], dim=3), torch.cat([sv.to(v.dtype), v], dim=3)
+            out = attend(q.flatten(0, 1), kk.flatten(0, 1), vv.flatten(0, 1), ctx.mask)
             if ctx.fill is not None:  # a re-cache: these clean frames' K/V become the window
                 ctx.cache.fill(block, k, v, ctx.fill)
         else:
@@ -234,7 +239,7 @@ class PrefixAttention(nn.Module):
                 kk, vv = k[:, :, k0:k1].flatten(2, 3), v[:, :, k0:k1].flatten(2, 3)
                 out[:, q0:q1] = self.attend_to(x[:, q0:q1], kk, vv)
             if ctx.fill is not None:  # a re-cache: the last R of these frames are the next prefix
-                ctx.cache.write_prefix(block, k, v, start=ctx.fill)
+                ctx.cache.write_prefix(block, k, v, start=ctx.fill[0])
             return out
         cached = ctx.cache.prefix(block)
         out = self.attend_to(x, *cached) if cached is not None else torch.zeros_like(x)

@@ -259,7 +259,8 @@ class CausalVideoDiT(nn.Module):
                 return_hidden: bool = False, x0: bool = False):
         """Full-sequence forward over frames [start, start + F) of a video.
 
-        x: (B, C, F, H, W); t: (B, F) network time per frame (0 = clean). Temporal attention uses
+        x: (B, C, F, H, W); t: (B, F) network time per frame (0 = clean); ``start`` may instead list
+        every frame's absolute index (a window with sink frames). Temporal attention uses
         ``ChunkLayout.mask`` over these frames: frames before ``start`` are simply absent (the
         recompute-window baseline runs a window this way). ``tpe_shift`` rotates cyclic rows
         (training augmentation). Returns the prediction (B, C, F, H, W) [and per-block hidden]; every
@@ -267,7 +268,11 @@ class CausalVideoDiT(nn.Module):
         """
         cond = self.check_input(x, t, cond)
         Fr = x.shape[2]
-        frames = range(start, start + Fr)
+        frames = range(start, start + Fr) if isinstance(start, int) else [int(f) for f in start]
+        if len(frames) != Fr:
+            raise ValueError(f"{len(frames)} frame indices given for {Fr} frames")
+        if self.config.prefix_enhance and not isinstance(frames, range):
+            raise ValueError("with prefix enhancement the frames of a forward must be consecutive")
         tpe, rope = self._positions(frames, tpe_shift)
         if self.config.temporal == "bidirectional":  # the ordinary video DiT: one clip, every frame sees all
             if Fr > self.config.clip_length:
@@ -364,26 +369,29 @@ class CausalVideoDiT(nn.Module):
             cache.advance(x.shape[2])
         return result
 
-    def fill_cache(self, frames, cache: KVCache, cond: Condition | None = None, start: int = 0) -> None:
-        """Re-cache: the K/V of clean frames [start, start + F) computed by one masked forward over
-        these frames alone (frames before ``start`` absent, as ``forward(..., start=start)`` and a
+    def fill_cache(self, frames, cache: KVCache, cond: Condition | None = None, start=0) -> None:
+        """Re-cache: the K/V of clean frames [start, start + F) (``start`` a list: the absolute index
+        of every frame, e.g. the sink frames then the recent ones) computed by one masked forward
+        over these frames alone (earlier frames absent, as ``forward(..., start=start)`` and a
         recompute-full stream whose history begins there), under ``cond``, written into the empty
-        ``cache``, which then continues after frame start + F. The frames must reach a chunk
-        boundary and cover the window (the last min(start + F, P_max) frames); the first may sit
-        mid-chunk. frames: (B, C, F, H, W)."""
+        ``cache``, which then continues after the last. The frames must reach a chunk boundary and
+        cover the window they leave (``KVCache.check_fill``); the first may sit mid-chunk. When the
+        cache kept its sink (``KVCache.keep_sinks``) the frames attend to it as well. frames:
+        (B, C, F, H, W)."""
         B, Fr = frames.shape[0], frames.shape[2]
         t = torch.zeros(B, Fr, dtype=torch.float64, device=frames.device)
         cond = self.check_input(frames, t, cond)
-        cache.check_fill(B, start, Fr)
-        end = start + Fr
-        frames_range = range(start, end)
-        tpe, rope = self._positions(frames_range, 0)
-        ctx = FrameContext(tpe, rope, mask=self.layout.mask(frames_range, frames_range, frames.device),
-                           cache=cache, fill=start)
-        if self.config.prefix_enhance:
-            ctx.prefix_groups = self.prefix_groups(frames_range)
+        idx = list(range(start, start + Fr)) if isinstance(start, int) else [int(f) for f in start]
+        if len(idx) != Fr:
+            raise ValueError(f"{len(idx)} frame indices given for {Fr} frames")
+        cache.check_fill(B, idx)
+        keys = list(range(cache.sink)) + idx if cache.sinks_kept else idx
+        tpe, rope = self._positions(idx, 0)
+        ctx = FrameContext(tpe, rope, mask=self.layout.mask(idx, keys, frames.device), cache=cache, fill=idx)
+        if self.config.prefix_enhance:  # (no sink with prefix enhancement: the frames are consecutive)
+            ctx.prefix_groups = self.prefix_groups(range(idx[0], idx[-1] + 1))
         self._run(frames, t, cond, ctx, False, skip_output=True)
-        cache.advance(end)
+        cache.advance(idx[-1] + 1)
 
     def require_causal(self, what: str) -> None:
         """A clear error when a bidirectional model is asked for what only the causal attention set has."""

@@ -181,8 +181,10 @@ class StreamSession:
     Steering a stream between chunks: ``set_prompt`` (switch the prompt, re-caching the window),
     ``extend`` (write given frames), ``next_chunk(source=, strength=)`` (video-to-video);
     ``save`` / ``StreamSession.load`` (stop and continue elsewhere); ``next_chunks`` runs several
-    sessions as one batched forward. The session keeps the last P_max clean frames it wrote
-    (``kept``, from frame ``kept_start``): the cache holds only K/V, and a re-cache needs the frames.
+    sessions as one batched forward. The session keeps the clean frames of the window it wrote
+    (``kept``, the last P_max, from frame ``kept_start``; with sink frames, ``sink_kept`` holds the
+    sink and ``kept`` the last P_max - s after it): the cache holds only K/V, and a re-cache needs
+    the frames.
     """
 
     def __init__(self, model: Backbone, first_frames: torch.Tensor | None = None, prompt: Text | None = None,
@@ -208,6 +210,9 @@ class StreamSession:
                 raise ValueError(f"this model starts from {p} given frame(s): first_frames must be {expected}, got {got}")
         elif first_frames is not None:
             raise ValueError("this model has prefix_frames=0 (a prompt alone starts the video); do not pass first_frames")
+        if cfg.layout.sink_frames and mode == "recompute-window":
+            raise ValueError("recompute-window recomputes the last P_max frames, not a window with sink frames; "
+                             "use mode 'shared' or 'recompute-full'")
         if step_cache is not None and "step-cache" not in model.features:
             raise ValueError(f"step caching is not available for {type(model).__name__}; use no step cache")
         if step_cache is not None and mode != "shared":
@@ -242,6 +247,7 @@ class StreamSession:
         self.ended = False          # the last chunk was not written: nothing can follow it
         self.kept = None            # (B, C, <= P_max, H, W): the last clean frames written, as written
         self.kept_start = 0         # absolute index of kept[:, :, 0]
+        self.sink_kept = None       # (B, C, <= s, H, W): the sink frames as written (models with a sink)
         self._first = first_frames
         self._t0 = time.perf_counter()
 
@@ -274,10 +280,27 @@ class StreamSession:
             level = torch.full((B, frames.shape[2]), self.context_noise, dtype=torch.float64, device=model.device)
             frames = model.diffusion.add_noise(frames, noise, level)
         frames = frames.detach()
-        kept = frames if self.kept is None else torch.cat([self.kept, frames], dim=2)
-        drop = max(0, kept.shape[2] - model.config.max_context_frames)
+        layout = model.config.layout
+        keep, sink = frames, layout.sink_frames
+        start = layout.chunk_start(chunk)
+        if start < sink:  # the sink's frames stay for good; the window's others slide after them
+            n = min(sink - start, frames.shape[2])
+            self.sink_kept = frames[:, :, :n] if self.sink_kept is None else torch.cat([self.sink_kept, frames[:, :, :n]], 2)
+            keep = frames[:, :, n:]
+            if self.kept is None:
+                self.kept_start = start + n
+        kept = keep if self.kept is None else torch.cat([self.kept, keep], dim=2)
+        drop = max(0, kept.shape[2] - layout.recent_frames)
         self.kept, self.kept_start = kept[:, :, drop:], self.kept_start + drop
         return torch.cat([frames, frames]) if self.guided else frames
+
+    def window_frames(self) -> tuple[torch.Tensor, list[int]]:
+        """The kept clean frames of the window (B, C, n, H, W) and their absolute indices: the sink
+        frames, then the most recent others (what a re-cache re-encodes)."""
+        parts = [p for p in (self.sink_kept, self.kept) if p is not None and p.shape[2]]
+        sinks = 0 if self.sink_kept is None else self.sink_kept.shape[2]
+        idx = list(range(sinks)) + list(range(self.kept_start, self.kept_start + self.kept.shape[2]))
+        return torch.cat(parts, dim=2), idx
 
     def _append(self, frames: torch.Tensor, chunk: int) -> None:
         """Frames join the context: one clean write pass (or a history append)."""
@@ -311,7 +334,7 @@ class StreamSession:
             self.chunk += 1
 
     def set_prompt(self, prompt: Text | None = None, recache: bool = True, negative_prompt: Text | None = None,
-                   guidance: float | None = None, labels=None) -> None:
+                   guidance: float | None = None, labels=None, sinks: str = "reencode") -> None:
         """Switch the conditioning between chunks (prompt switching, LongLive-style).
 
         The text K/V of cross-attention (and the pooled prompt) are replaced by ``prompt``'s (class
@@ -322,9 +345,20 @@ class StreamSession:
         frame. Without it the old K/V stay (shared mode only: the recompute modes hold no K/V).
         ``guidance`` changes the scale; turning guidance on, or a new ``negative_prompt``, re-caches
         the unconditional half in any case (it has no K/V of its own yet), and turning it off drops it.
+
+        ``sinks`` (models with sink frames): ``"reencode"`` re-caches the sink frames under the new
+        conditioning with the rest of the window; ``"keep"`` keeps the sink's K/V as they were (the old
+        prompt's) and re-encodes the other window frames attending to it, as a stream that had the
+        new prompt only after its sink. Before the sink is complete, or when guidance changes, the
+        sink is re-encoded either way (there is no full sink of the right rows to keep).
         """
         self._check_open()
         model, cfg, B = self.model, self.model.config, self.batch
+        if sinks not in ("reencode", "keep"):
+            raise ValueError(f"sinks must be 'reencode' or 'keep', got {sinks!r}")
+        if cfg.layout.sink_frames and self.mode != "shared" and self.kept is not None:
+            raise ValueError("the recompute modes cannot re-cache a window with sink frames (its frames are not "
+                             "consecutive); use mode 'shared'")
         if not recache and self.mode != "shared":
             raise ValueError(f"recache=False keeps the old K/V, which only the shared cache has (mode {self.mode!r})")
         if negative_prompt is not None and cfg.conditioning != "text":
@@ -352,9 +386,18 @@ class StreamSession:
         elif recache or uncond_new or guided != was_guided:
             fresh = SharedCache(model, self.rows, self.cond, self.cache_dtype)
             if recache or uncond_new:
-                frames = torch.cat([self.kept, self.kept]) if guided else self.kept
-                with self._network():
-                    model.fill_cache(frames, fresh.cache, self.cond, start=self.kept_start)
+                frames, idx = self.window_frames()
+                sink = fresh.cache.sink
+                if (sinks == "keep" and sink and guided == was_guided and not uncond_new
+                        and old_engine.cache.frames_written >= sink):
+                    fresh.cache.keep_sinks(old_engine.cache)
+                    frames, idx = frames[:, :, sink:], idx[sink:]
+                frames = torch.cat([frames, frames]) if guided else frames
+                if not idx:  # only the sink was written, and it is kept
+                    fresh.cache.advance(sink)
+                else:
+                    with self._network():
+                        model.fill_cache(frames, fresh.cache, self.cond, start=idx)
             else:
                 fresh.cache.frames_written = old_engine.cache.frames_written
             if not recache:  # the conditional half keeps its old K/V
@@ -539,7 +582,8 @@ class StreamSession:
             t.update({f"cache.{n}": b for n, b in self.engine.cache.buffers().items()})
         elif self.engine.history is not None:
             t["history"] = self.engine.history
-        for name, value in (("kept", self.kept), ("first", self._first), ("labels", self.labels),
+        for name, value in (("kept", self.kept), ("sink_kept", self.sink_kept), ("first", self._first),
+                            ("labels", self.labels),
                             ("cond.mask", self.cond.mask), ("cond.vector", self.cond.vector)):
             if value is not None:
                 t[name] = value
@@ -600,6 +644,7 @@ class StreamSession:
             engine.history = t["history"].to(dev) if "history" in t else None
             engine.start = meta["history_start"]
         session.kept = t["kept"].to(dev) if "kept" in t else None
+        session.sink_kept = t["sink_kept"].to(dev) if "sink_kept" in t else None
         session._first = t["first"].to(dev) if "first" in t else None
         session.kept_start, session.chunk, session.ended = meta["kept_start"], meta["chunk"], meta["ended"]
         for f, v in meta["stats"].items():

@@ -61,10 +61,12 @@ class WanConfig:
     cross_attn_norm: bool = True       # affine LayerNorm before cross-attention (else none)
     qk_norm: str = "rms_norm_across_heads"
     eps: float = 1e-6
-    rope_max_seq_len: int = 1024       # kept for the diffusers config; angles here have no table limit
+    rope_max_seq_len: int = 1024       # Wan's RoPE table: absolute positions stop at this frame
     chunk_frames: int = 3              # latent frames per chunk
     max_context_frames: int = 21       # latent frames a chunk's queries see, the chunk itself included
     sink_frames: int = 0               # first frames always seen (LongLive's attention sink), counted in the 21
+    rope_positions: str = "absolute"   # "absolute" (Wan's, bit-compatible; frames < rope_max_seq_len) or
+                                       # "rebased" (the sink at its own positions, the window right after it)
     text_len: int = 512                # text positions (zero-padded), all attended
 
     DIFFUSERS_KEYS = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
@@ -103,6 +105,8 @@ class WanConfig:
             bad("eps", "must be positive")
         if isinstance(self.sink_frames, bool) or not isinstance(self.sink_frames, int) or self.sink_frames < 0:
             bad("sink_frames", "must be 0 or more")
+        if self.rope_positions not in ("absolute", "rebased"):
+            bad("rope_positions", "must be 'absolute' or 'rebased'")
         if self.max_context_frames - self.sink_frames < self.chunk_frames:
             bad("max_context_frames", f"leaves fewer recent frames than one chunk ({self.chunk_frames}) "
                 f"beside {self.sink_frames} sink frames: a chunk could not see itself")
@@ -280,8 +284,8 @@ class SelfAttention(nn.Module):
 
     def attend(self, q, k, v, groups=None):
         """q (B, H, Fq, S, d) against k, v (B, H, Fk, S, d) -> (B, Fq, S, D), output projection
-        applied. ``groups`` (``attention_groups``): which key frames each run of query frames sees;
-        None: all of them; a boolean tensor: a token mask broadcastable to (B, H, Fq*S, Fk*S) (streams
+        applied. ``groups`` (``attention_groups``): which key frames each run of query frames sees,
+        each optionally with a rotation of its first keys (``WanTransformer.sink_shifts``); None: all of them; a boolean tensor: a token mask broadcastable to (B, H, Fq*S, Fk*S) (streams
         of one batch whose windows differ in length)."""
         B, H, Fq, S, d = q.shape
         k, v = k.to(q.dtype), v.to(q.dtype)
@@ -289,9 +293,13 @@ class SelfAttention(nn.Module):
             out = attend(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), groups).view(B, H, Fq, S, d)
         else:
             parts = []
-            for q0, q1, keys in groups:
+            for q0, q1, keys, *shift in groups:
                 keys = keys if isinstance(keys, slice) else keys.to(k.device)  # frame indices (host-built)
-                parts.append(attend(q[:, :, q0:q1].flatten(2, 3), k[:, :, keys].flatten(2, 3),
+                kk = k[:, :, keys]
+                if shift and shift[0] is not None:  # re-based RoPE: the group's sink keys moved
+                    n, cos, sin = shift[0]
+                    kk = torch.cat([rotate(kk[:, :, :n], cos, sin), kk[:, :, n:]], dim=2)
+                parts.append(attend(q[:, :, q0:q1].flatten(2, 3), kk.flatten(2, 3),
                                     v[:, :, keys].flatten(2, 3)).view(B, H, q1 - q0, S, d))
             out = torch.cat(parts, dim=2)
         return self.o(out.permute(0, 2, 3, 1, 4).reshape(B, Fq, S, H * d))
@@ -488,6 +496,7 @@ class WanTransformer(nn.Module):
         Angles are float64 products of integer positions: no float32 drift at large frame indices."""
         h, w = self.grid(height, width)
         dev = self.device
+        self.check_positions(frames)
         if dev not in self._freqs:
             self._freqs[dev] = [rope_frequencies(n).to(dev) for n in self.config.rope_dims]
         ft, fh, fw = self._freqs[dev]
@@ -502,6 +511,59 @@ class WanTransformer(nn.Module):
         ang = torch.cat([at[:, None, None].expand(Fr, h, w, -1), ah[None, :, None].expand(Fr, h, w, -1),
                          aw[None, None].expand(Fr, h, w, -1)], dim=-1).reshape(Fr, h * w, 1, -1)
         return torch.cos(ang).to(self.compute_dtype), torch.sin(ang).to(self.compute_dtype)
+
+    def check_positions(self, frames: Sequence[int]) -> None:
+        """Absolute positions end where Wan's RoPE table does (``rope_max_seq_len`` frames): a clear
+        error past it. Re-based positions go on: only differences to the sink and within the window
+        enter attention, and those stay inside the trained span (see ``sink_shifts``)."""
+        cfg = self.config
+        last = (frames.stop - 1) if isinstance(frames, range) else max(frames, default=0)
+        if cfg.rope_positions == "absolute" and last >= cfg.rope_max_seq_len:
+            raise ValueError(f"frame {last} is past the {cfg.rope_max_seq_len} absolute RoPE positions of Wan's "
+                             "table (rope_max_seq_len); set rope_positions='rebased' to go on (the sink keeps its "
+                             "positions, the window follows it)")
+
+    def frame_shift(self, delta: int):
+        """(cos, sin), each (d/2,) in the compute dtype: the rotation that moves a key's frame
+        position by ``delta`` frames (the frame part of the head dimension; height and width parts
+        unrotated). Angles in float64."""
+        dev = self.device
+        if dev not in self._freqs:
+            self._freqs[dev] = [rope_frequencies(n).to(dev) for n in self.config.rope_dims]
+        ft, fh, fw = self._freqs[dev]
+        ang = torch.cat([delta * ft, torch.zeros_like(fh), torch.zeros_like(fw)])
+        return torch.cos(ang).to(self.compute_dtype), torch.sin(ang).to(self.compute_dtype)
+
+    def shift_frames(self, k: torch.Tensor, delta: int) -> torch.Tensor:
+        """Keys k (..., d) rotated at frame n -> the same keys at frame n + delta."""
+        return rotate(k, *self.frame_shift(delta))
+
+    def sink_shifts(self, groups: list, q_frames: Sequence[int], k_frames: Sequence[int]) -> list:
+        """Re-based RoPE for attention groups of a block-causal forward: each group (q0, q1, keys) ->
+        (q0, q1, keys, shift) where ``shift`` = (n, cos, sin) rotates the group's first n keys, its
+        sink frames, forward by the frames evicted before its chunk, or None.
+
+        The rule (LongLive's relative RoPE): a chunk ending at frame e sees the sink frames at their
+        own positions 0..s-1 and its window [e - (W - s), e) at positions s, s+1, ... (W: the
+        window, ``max_context_frames``), so no position exceeds W - 1. Attention scores depend on
+        positions only through query - key differences, so the same scores come from keeping the
+        window's and the chunk's absolute positions and moving the sink by delta = e - W (the frames
+        evicted): what the cache stores (its window keys never move) and what this computes."""
+        cfg, out, plain = self.config, [], groups is None
+        if plain:
+            groups = [(0, len(q_frames), slice(0, len(k_frames)))]
+        for q0, q1, keys in groups:
+            end = (q_frames[q0] // cfg.chunk_frames + 1) * cfg.chunk_frames
+            delta = end - cfg.max_context_frames
+            kf = list(k_frames[keys]) if isinstance(keys, slice) else [k_frames[j] for j in keys.tolist()]
+            n = sum(1 for f in kf if f < cfg.sink_frames)
+            if delta <= 0 or n == 0:
+                out.append((q0, q1, keys, None))
+                continue
+            if any(f < cfg.sink_frames for f in kf[n:]):
+                raise ValueError("a group's sink keys must come first")
+            out.append((q0, q1, keys, (n, *self.frame_shift(delta))))
+        return None if plain and out[0][3] is None else out
 
     def block_causal_mask(self, q_frames: Sequence[int], k_frames: Sequence[int], device=None) -> torch.Tensor:
         """(Fq, Fk) bool: query frame i sees key frame j when j's chunk is not after i's and j is
@@ -522,7 +584,8 @@ class WanTransformer(nn.Module):
         return out.permute(0, 6, 1, 2, 4, 3, 5).reshape(B, -1, Fr, hh * ph, ww * pw)
 
     # -- the forward -------------------------------------------------------------------------------
-    def forward(self, x, t, text, mask=None, frames=0, keys: Callable | None = None):
+    def forward(self, x, t, text, mask=None, frames=0, keys: Callable | None = None,
+                key_frames: Sequence[int] | None = None):
         """The flow prediction (B, C', F, H, W) for video x (B, C, F, H, W) at per-frame times
         t (B, F) in [0, 1000] under ``text`` (a ``Condition`` from ``condition``, a ``Text``, or
         states (B, <= text_len, text_dim)).
@@ -530,7 +593,9 @@ class WanTransformer(nn.Module):
         mask: None (every frame sees every frame), ``"block-causal"`` (``block_causal_mask`` over
         the absolute frame indices) or a boolean (F, F) frame mask. frames: absolute index of x's
         first frame, or of every frame (RoPE positions and chunk membership). keys(block, k, v) ->
-        (k, v): see ``WanBlock.forward``; with it, ``mask`` must describe the keys it returns.
+        (k, v): see ``WanBlock.forward``; with it, ``key_frames`` (the absolute frame of every key
+        it returns) or ``mask`` must describe the keys it returns. With ``rope_positions='rebased'``
+        and sink frames, each chunk sees the sink re-based (``sink_shifts``).
         """
         h = self.tokens(x)  # checks x
         B, _, Fr, H, W = x.shape
@@ -540,15 +605,19 @@ class WanTransformer(nn.Module):
         if cond.batch != B:
             raise ValueError(f"conditioning is for batch {cond.batch}, video batch is {B}")
         idx = self.frame_indices(frames, Fr)
+        kidx = idx if key_frames is None else [int(f) for f in key_frames]
         e, mod = self.modulation(t)
         rope = self.rope(idx, H, W)
         if isinstance(mask, str):
             if mask != "block-causal":
                 raise ValueError(f"mask must be None, 'block-causal' or a boolean frame mask, got {mask!r}")
-            mask = self.block_causal_mask(idx, idx)
-        if mask is not None and (mask.dim() != 2 or mask.shape[0] != Fr or (keys is None and mask.shape[1] != Fr)):
-            raise ValueError(f"a frame mask for {Fr} frames is ({Fr}, {Fr}), got {tuple(mask.shape)}")
+            mask = self.block_causal_mask(idx, kidx)
+        if mask is not None and (mask.dim() != 2 or mask.shape[0] != Fr or mask.shape[1] != len(kidx)):
+            raise ValueError(f"a frame mask for {Fr} frames and {len(kidx)} key frames is ({Fr}, {len(kidx)}), "
+                             f"got {tuple(mask.shape)}")
         groups = None if mask is None else attention_groups(mask)
+        if self.config.rope_positions == "rebased" and self.config.sink_frames and mask is not None:
+            groups = self.sink_shifts(groups, idx, kidx)
         for i, block in enumerate(self.blocks):
             hook = None if keys is None else (lambda k, v, i=i: keys(i, k, v))
             h = block(h, mod, cond.kv[i], rope, groups, hook)

@@ -294,7 +294,7 @@ def load_wan(path, config: WanConfig | str | None = None, *, entry: str | None =
 
     path: a diffusers directory (its config.json decides the architecture; ``config`` must be
     None) or a weights file in Wan's own layout (``config``: a ``WanConfig`` or a ``wan.PRESETS``
-    name). chunk_settings: ``chunk_frames``, ``max_context_frames``, ``sink_frames``, ``text_len``.
+    name). chunk_settings: ``chunk_frames``, ``max_context_frames``, ``sink_frames``, ``rope_positions``, ``text_len``.
     entry / prefix: the nested state dict and the key prefix of an original-layout file. lora: a
     LoRA file or dict merged in (``lora_alpha`` when the LoRA stores none).
     """

@@ -19,10 +19,10 @@ noise. Every generated chunk is compared, max |ours - theirs| / max |theirs|, in
   their 21-frame cache holds), against our ``StreamSession`` in ``shared`` mode (CausalWan, window 21,
   the ring keeps 18 frames).
 * ``local12_sink3``: their local window of 12 frames with 3 sink frames (LongLive's setting), 6 chunks
-  (two evictions, chunks 5 and 6). Our engine does not run sink frames yet (``CausalWanConfig`` refuses
-  ``sink_frames`` > 0), so this side is our block-causal full-sequence forward with the sink
-  (``WanTransformer.forward(mask="block-causal")`` with ``sink_frames=3``, over all frames so far at
-  every level, the same few-step sampler and noise): the attention set is checked, not the engine.
+  (two evictions, chunks 5 and 6), against our ``shared`` engine with a window of 12 and a sink of 3
+  (the cache: 3 sink slots that never rotate, a ring of 6), absolute RoPE positions as theirs; and,
+  as a variant, our block-causal full-sequence forward with the sink over all frames so far at
+  every level (the same few-step sampler and noise).
 * ``local12``: their local window of 12 without sink, 6 chunks, against our ``shared`` engine with
   a window of 12 (the ring keeps 9 frames; the same two evictions).
 * a control, which must differ (the comparison can fail): our window-12 engine without sink against
@@ -335,8 +335,7 @@ def run_shared(transformer, states, seeds, levels, chunks: int):
 def run_full_sequence(transformer, states, seeds, levels, chunks: int):
     """Our block-causal full-sequence forward (the attention set of ``transformer.config``, sink frames
     included) over all frames so far at every level: the oracle loop of ``stream.RecomputeFull`` with
-    the session's few-step sampler and noise streams, on the transformer directly (the engine's
-    ``CausalWanConfig`` refuses sink frames)."""
+    the session's few-step sampler and noise streams, on the transformer directly."""
     from ca2vdm.conditioning import Text
     from ca2vdm.diffusion import FlowMatching
     from ca2vdm.stream import chunk_noise
@@ -420,7 +419,7 @@ def main(argv=None):
     states = torch.randn(a.batch, TEXT_TOKENS, TINY["text_dim"], generator=torch.Generator().manual_seed(a.seed + 99))
     modes = {  # name: (their local_attn_size, sink_size, our window, our sink, chunks, our side)
         "global": (-1, 0, GLOBAL_FRAMES, 0, 7, "shared"),
-        "local12_sink3": (12, 3, 12, 3, 6, "full-sequence"),
+        "local12_sink3": (12, 3, 12, 3, 6, "shared"),
         "local12": (12, 0, 12, 0, 6, "shared"),
     }
     results, controls, variants, theirs_by_mode = {}, {}, {}, {}
@@ -444,6 +443,8 @@ def main(argv=None):
         diffs = [rel(o, t) for o, t in zip(no_sink, theirs)]
         controls["ours_window12_no_sink_vs_their_sink3"] = dict(
             max_rel_diff_per_chunk=diffs, ok=max(diffs[:4]) <= BOUND and min(diffs[4:]) > 100 * BOUND)
+        full = run_full_sequence(our_transformer(pipe, 12, 3, Path(tmp)), states, seeds, levels, 6)
+        variants["local12_sink3_our_full_sequence_forward_vs_theirs"] = [rel(o, t) for o, t in zip(full, theirs)]
         theirs, levels, pipe = theirs_by_mode["global"]
         from ca2vdm.diffusion import FlowMatching
         exact = FlowMatching(1000, 5.0).warped_levels(4)

@@ -35,7 +35,9 @@ class Oracle:
     """Chunks of one stream, each denoised by full-sequence forwards over its context.
 
     context: (B, C, n, H, W) clean frames [start, start + n) that the next chunk attends to (None:
-    nothing yet). ``cond``: the conditioning of every row (guided: 2B rows, conditional first)."""
+    nothing yet); ``start`` a list: the absolute index of every context frame (a window with sink
+    frames), the chunks following the last. ``cond``: the conditioning of every row (guided: 2B
+    rows, conditional first)."""
 
     def __init__(self, model, seeds, cond, guidance=1.0, steps=None, levels=None, context=None, start=0):
         self.model, self.seeds, self.cond, self.guidance = model, list(seeds), cond, guidance
@@ -58,8 +60,11 @@ class Oracle:
         if ctx is not None:
             xs = torch.cat([ctx, xs], dim=2)
             t = torch.cat([torch.zeros(rows, ctx.shape[2], dtype=torch.float64), t], dim=1)
+        start = self.start
+        if not isinstance(start, int):  # every frame's index: the context's, then the chunk's
+            start = list(start) + list(range(start[-1] + 1 if start else 0, (start[-1] + 1 if start else 0) + q))
         with torch.no_grad():
-            out = m(xs, t, self.cond, start=self.start, x0=x0)[:, :, -q:]
+            out = m(xs, t, self.cond, start=start, x0=x0)[:, :, -q:]
         return classifier_free_guidance(out, self.guidance) if rows > B else out
 
     def chunk(self, k, frames, exit_step=None, source=None, first_step=0):
@@ -87,6 +92,9 @@ class Oracle:
 
     def append(self, frames):
         """Clean frames join the context (no window: the oracle sees everything it was given)."""
+        if not isinstance(self.start, int):
+            nxt = self.start[-1] + 1 if self.start else 0
+            self.start = list(self.start) + list(range(nxt, nxt + frames.shape[2]))
         self.context = frames if self.context is None else torch.cat([self.context, frames], dim=2)
 
     def keep_last(self, n_frames):

@@ -190,8 +190,8 @@ def test_what_a_wan_model_cannot_do_is_refused_with_its_reason():
     model = wan()
     with pytest.raises(ValueError, match="step caching is not available"):
         StreamSession(model, prompt=text(1), steps=2, step_cache="fixed:1")
-    with pytest.raises(ValueError, match="sink frames"):
-        CausalWanConfig(WanConfig(sink_frames=3))
+    with pytest.raises(ValueError, match="leaves no frame of the window to slide"):
+        CausalWanConfig(WanConfig(sink_frames=3, max_context_frames=6))
     with pytest.raises(ValueError, match="divisible by the patch"):
         CausalWanConfig(WanConfig(), frame_size=(5, 8))
     with pytest.raises(ValueError, match="class labels"):
