@@ -33,6 +33,14 @@ pass that puts the chunk's K/V into the cache) per implementation, the implement
 
 A step is 4 denoising calls + 1 write (Self-Forcing's 4-step sampler). Ratios come from this run.
 
+``--mode local12_sink3`` (LongLive's setting): theirs with ``local_attn_size`` 12 and ``sink_size``
+3, a full cache of 12 frames [sink | the 3 frames their roll evicts | 6 recent]; ours
+``WanConfig(max_context_frames=12, sink_frames=3)``, the same sink and recent frames in 3 sink
+slots + a ring of 6 (+ 3 staging slots). The chunk is frames 18-20 on both sides. Their first call
+of a chunk rolls their cache (a copy of the 6 recent frames) and is timed apart
+(``denoise_evicting``); their calls 2-4 and the write find it rolled: their step is that first
+call + 3 calls + the write. diffusers recomputes the 12 frames.
+
 Breakdown (profiled round): ``torch.profiler`` CPU activity, every op's self time counted once, in
 the category of its innermost enclosing marker: attention = the SDPA op with everything under it
 (self- and cross-attention told apart by the key length); GEMMs = aten::addmm / mm / bmm / linear;
