@@ -71,7 +71,6 @@ import os
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -531,7 +530,8 @@ def main(argv=None):
         their_net, our_net, diff_net = (m.to(dev, dtype) for m in (their_net, our_net, diff_net))
     window = WINDOW if mode["local"] == -1 else mode["local"]  # frames a chunk's queries see, itself included
     inputs = Inputs(shape, a.seed + 1, dev, dtype, frames=window)
-    ours, theirs, diffusers = Ours(our_net, inputs), Theirs(their_net, inputs, mode, dtype), Diffusers(diff_net, inputs, dtype)
+    ours, theirs = Ours(our_net, inputs), Theirs(their_net, inputs, mode, dtype)
+    diffusers = Diffusers(diff_net, inputs, dtype)
     S, text_len = inputs.S, shape["text_len"]
     print(f"{device_name(a.device)}; torch {torch.__version__}; {a.mode}; "
           f"{'SMALL' if a.small else 'full'} shape {shape}; load {load_start}", flush=True)
@@ -603,7 +603,8 @@ def main(argv=None):
     keys = window * S
     flops = call_flops(shape["dim"], shape["ffn"], q_tokens, keys, text_len)
     report.update(
-        rounds_ms=rounds, rounds_cpu_ms=rounds_cpu, mean_ms=ms, step_ms=step, diffusers_scaling=diff_scale, ratios=ratios,
+        rounds_ms=rounds, rounds_cpu_ms=rounds_cpu, mean_ms=ms, step_ms=step, diffusers_scaling=diff_scale,
+        ratios=ratios,
         goals=dict(step_le_1x_theirs=ratios["step_ours_over_theirs"] <= 1.0,
                    step_le_0_2x_diffusers=ratios["step_ours_over_diffusers"] <= 0.2,
                    cache_bytes_equal_formula=ours.cache_bytes()["equal_to_formula"]),
@@ -614,7 +615,8 @@ def main(argv=None):
         gflops_per_s={k: round(flops["total"] / (v / 1e3) / 1e9, 1) for k, v in ms.items()
                       if not k.startswith("diffusers")},
         projection=projection(a.mfu, window), load_average_end=loadavg(),
-        command="PYTHONPATH=. python scripts/bench_wan_block.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+        command="PYTHONPATH=. python scripts/bench_wan_block.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]))
     print(json.dumps({k: report[k] for k in ("mean_ms", "step_ms", "ratios", "goals", "cache_bytes", "projection",
                                              "load_average_end")}, indent=1))
     out = a.out or (None if a.small else Path(f"docs/bench_wan_block_{dev.type}.json"))
