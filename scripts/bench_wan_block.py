@@ -469,8 +469,8 @@ def projection(mfu: float, window: int = WINDOW) -> dict:
                 tflop_per_81_frame_video=round(video / 1e12, 1),
                 fps_81_frame_video=round(81 / (video / rate), 1),
                 self_forcing_published_fps=SF_PUBLISHED_FPS,
-                note="12 pixel frames per chunk of 3 latent frames (Wan's VAE: 4x in time); the 81-frame video "
-                     "is 7 chunks seeing 3..21 frames; VAE decode and the text encoder excluded")
+                note=f"12 pixel frames per chunk of 3 latent frames (Wan's VAE: 4x in time); the 81-frame video "
+                     f"is 7 chunks seeing 3, 6, ... frames, at most {window}; VAE decode and the text encoder excluded")
 
 
 # -- parity at --small ---------------------------------------------------------------------------
