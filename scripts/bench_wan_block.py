@@ -32,6 +32,8 @@ pass that puts the chunk's K/V into the cache) per implementation, the implement
   (linear), the split taken from its profiled call. A step is 4 of its calls (nothing to write).
 
 A step is 4 denoising calls + 1 write (Self-Forcing's 4-step sampler). Ratios come from this run.
+Every call's wall seconds (the figures) and this process's CPU seconds (all threads) are recorded,
+with the load averages: on a shared machine the CPU seconds show what waiting for a core added.
 
 ``--mode local12_sink3`` (LongLive's setting): theirs with ``local_attn_size`` 12 and ``sink_size``
 3, a full cache of 12 frames [sink | the 3 frames their roll evicts | 6 recent]; ours
@@ -116,7 +118,8 @@ def loadavg() -> list[float]:
 # -- the three implementations -------------------------------------------------------------------
 def random_weights(model: torch.nn.Module, seed: int) -> None:
     """Their init (xavier, zero biases and output layer; the caller seeds the global RNG) plus
-    N(0, 0.02^2) / N(0, 1/fan_in) noise on every parameter so that nothing is zero; in place."""
+    noise on every parameter, std 0.02 (vectors) or 0.5 / sqrt(fan_in) (matrices), so that nothing
+    is zero; in place."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
