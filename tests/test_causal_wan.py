@@ -17,6 +17,7 @@ from ca2vdm.generate import generate_video
 from ca2vdm.stream import next_chunks
 from ca2vdm.wan import WanConfig
 
+from conftest import tiny_wan
 from oracle import Oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,16 +27,9 @@ TOL = 1e-9
 
 
 def wan(seed=0, window=6, chunk=2, **overrides) -> CausalWan:
-    """2 blocks, 2 heads of 16, 4 latent channels, 4x4 latent frames (4 tokens), 16 text positions;
-    chunks of 2 in a window of 6 (the ring keeps 4 frames). Every parameter perturbed, float64."""
-    cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=TEXT_DIM,
-                    freq_dim=16, ffn_dim=32, num_layers=2, text_len=16, chunk_frames=chunk, max_context_frames=window)
-    torch.manual_seed(seed)
-    model = CausalWan(CausalWanConfig(cfg, frame_size=(4, 4), **overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.double().eval()
+    """``conftest.tiny_wan``: chunks of 2 in a window of 6 (the ring keeps 4 frames); overrides of
+    ``CausalWanConfig``."""
+    return tiny_wan(seed, window, chunk, causal=overrides)
 
 
 def text(batch, tokens=5, seed=1):
