@@ -115,7 +115,7 @@ def test_an_interrupted_sharded_save_leaves_the_previous_checkpoint(tmp_path, mo
     back = fsdp_worker.trainer(steps=4)
     back.resume(tmp_path / "ckpt")
     assert back.step == 1 and all(torch.equal(at1[k], v) for k, v in whole(back).items())
-    assert torch.equal(load_checkpoint(tmp_path / "ckpt").final_proj.weight, tr.ema_model().final_proj.weight) is False
+    assert not torch.equal(load_checkpoint(tmp_path / "ckpt").final_proj.weight, tr.ema_model().final_proj.weight)
 
 
 def test_a_truncated_shard_is_a_checkpoint_error(two_ranks, tmp_path):
@@ -150,7 +150,8 @@ def test_a_dmd_iteration_under_fsdp_equals_one_process(tmp_path):
     """Two DMD iterations (generator and critic updates, the teacher's guided score, the EMA) with
     generator, critic and frozen teacher sharded at 2 ranks equal one process's with plain models.
     Every rank runs the whole batch (FSDP shards memory here; DMD's batch is not split).
-    Breakage tried: clipping each rank's shard by its own norm (``to_local`` gradients) fails here."""
+    Breakage tried: clipping each rank's shard by its own norm (``to_local`` gradients) fails here
+    (at the critic's weights)."""
     done = torchrun("dmd", tmp_path / "dmd")
     assert done.returncode == 0, done.stderr[-3000:]
     got = load_file(str(tmp_path / "dmd.safetensors"))
