@@ -1,17 +1,19 @@
-"""FSDP2 (``train.parallel: fsdp``) on the CPU: 2 gloo processes under torchrun against one process
-with a plain model (the oracle, computed here, sharing nothing with the workers), sharded
-checkpoints (atomic, resumable at another number of ranks, pickle-free), a NaN on one rank.
+"""FSDP2 (``train.parallel: fsdp``) on the CPU: 2 gloo processes against one process with a plain
+model (the oracle, computed here, sharing nothing with the ranks), sharded checkpoints (atomic,
+resumable at another number of ranks, pickle-free), a NaN on one rank.
+
+The 2 ranks are forked once from this process (``fsdp_worker.launch``: no interpreter start and no
+imports, which were most of the time of a ``torchrun`` launch) and run, in one process group, the
+training steps and their save, the DMD iterations, then the NaN run, which ends them. Each rank
+logs to its own file; the tests read the logs, the checkpoint and the DMD tensors. The oracle is
+computed here after the fork, while the ranks run. Resuming at 1 rank and the interrupted save run
+here, in one process.
 
 The bound: FSDP reduce-scatters the two ranks' gradients, a float32 sum in another order than one
 process's backward over the whole batch; after two AdamW steps (whose m / sqrt(v) turns a relative
 gradient error into a weight error of the same order where gradients are small) every weight is
 within 2e-5 of the largest weight's magnitude (measured: 6e-6 per tensor, 1e-9 for the EMA export).
 """
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +24,8 @@ from ca2vdm.checkpoint import load_checkpoint
 from ca2vdm.training import parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-WORKER = Path(fsdp_worker.__file__)
 BOUND = 2e-5
-
-
-def torchrun(mode, out, timeout=120):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(WORKER.parent.parent))
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), mode, str(out)], capture_output=True, text=True, timeout=timeout, env=env)
+NAN = "FloatingPointError: loss is nan at step 2"
 
 
 def close(a: dict, b: dict, keys=None):
@@ -44,24 +40,56 @@ def whole(trainer) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    """Two FSDP training steps at 2 ranks, saved (sharded) to ``ckpt``."""
+def started(tmp_path_factory):
+    """The 2 ranks, forked before any oracle is computed (the modules they use imported first)."""
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.fsdp  # noqa: F401
+
+    import ca2vdm.distill  # noqa: F401
+    import test_train  # noqa: F401
+
     out = tmp_path_factory.mktemp("fsdp")
-    done = torchrun("train", out)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out / "checkpoint"
+    procs = fsdp_worker.start(out)
+    yield procs, out
+    for p in procs:  # a test that failed before joining them
+        if p.is_alive():
+            p.kill()
 
 
 @pytest.fixture(scope="module")
-def oracle():
-    """One process, a plain model: 2 steps, then 2 more (the trainer object is kept at step 2)."""
+def oracle(started):
+    """One process, plain models, while the ranks run: 2 training steps, then 2 more (the trainer
+    object is kept at step 2); 2 DMD iterations, and none. One thread, like the ranks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     tr = fsdp_worker.trainer(parallel_mode="ddp", steps=2 * fsdp_worker.STEPS)
     for _ in range(fsdp_worker.STEPS):
         tr.train_step()
     at2 = (whole(tr), {k: v.clone() for k, v in tr.ema.shadow.items()})
     for _ in range(fsdp_worker.STEPS):
         tr.train_step()
-    return at2, (whole(tr), tr.ema.shadow)
+    got = dict(at2=at2, at4=(whole(tr), tr.ema.shadow), dmd=fsdp_worker.dmd_run(), dmd0=fsdp_worker.dmd_run(0)[1],
+               untrained=whole(fsdp_worker.trainer()))
+    torch.set_num_threads(threads)
+    return got
+
+
+@pytest.fixture(scope="module")
+def ranks(started, oracle):
+    """The ranks' results: every phase but the last ended on both (the last, the NaN run, is
+    checked by its own test)."""
+    procs, out = started
+    done = fsdp_worker.join(procs, out, timeout=240)
+    done["out"] = out
+    for r, log in enumerate(done["logs"]):
+        assert f"rank {r} done: dmd" in log, f"rank {r}, exit code {done['exitcodes'][r]}:\n{log[-3000:]}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ranks):
+    """Two FSDP training steps at 2 ranks, saved (sharded)."""
+    return ranks["out"] / "train" / "checkpoint"
 
 
 def test_fsdp_training_steps_equal_one_process(two_ranks, oracle):
@@ -69,14 +97,14 @@ def test_fsdp_training_steps_equal_one_process(two_ranks, oracle):
     process's weights, EMA and exported model to ``BOUND``. The shards are pickle-free safetensors,
     one per rank, and the export is the EMA that ``generate`` loads.
     Breakage tried: every micro-batch without gradient sync (``grad_sync`` always off) fails here."""
-    (weights, ema), _ = oracle
+    weights, ema = oracle["at2"]
     assert sorted(p.name for p in (two_ranks / "sharded").iterdir()) == [
         "shard-00001-model-00001-of-00001.safetensors", "shard-00002-model-00001-of-00001.safetensors"]
     assert not list(two_ranks.rglob("*.metadata")) and not list(two_ranks.rglob("*.pt"))
     resumed = fsdp_worker.trainer(steps=2 * fsdp_worker.STEPS)  # one process reads both ranks' shards
     resumed.resume(two_ranks)
     assert resumed.step == fsdp_worker.STEPS
-    assert close(weights, whole(resumed)) and not close(weights, whole(fsdp_worker.trainer()))
+    assert close(weights, whole(resumed)) and not close(weights, oracle["untrained"])
     assert close(ema, resumed.ema.shadow)
     exported = load_checkpoint(two_ranks).state_dict()
     assert close(ema, exported, [k for k in exported if k in ema])
@@ -87,7 +115,7 @@ def test_saved_at_two_ranks_resumes_at_one_rank(two_ranks, oracle):
     from the shards), trains on to the weights of a run that never stopped.
     Breakage tried: resuming without the optimizer state (``opt.*`` left out of ``state_tensors``)
     fails here."""
-    _, (weights, ema) = oracle
+    weights, ema = oracle["at4"]
     tr = fsdp_worker.trainer(steps=2 * fsdp_worker.STEPS)
     tr.resume(two_ranks)
     while tr.step < tr.tc.steps:
@@ -134,32 +162,31 @@ def test_a_truncated_shard_is_a_checkpoint_error(two_ranks, tmp_path):
         fsdp_worker.trainer().resume(ckpt)
 
 
-def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+def test_a_nan_on_one_rank_stops_every_rank(ranks):
     """Rank 1's loss is NaN at step 2: both ranks raise the NaN error (the loss is all-reduced
-    before the check), none waits in a collective (the run ends well within the timeout).
+    before the check) and exit; none waits in a collective (a rank left waiting there raises
+    another error after 60 s; a hang is killed at the launch's timeout).
     Breakage tried: checking each rank's own loss before the all-reduce fails here (rank 0 goes on
     and dies of the lost peer instead)."""
-    done = torchrun("nan", tmp_path, timeout=90)
-    assert done.returncode != 0
-    for rank in (0, 1):
-        assert f"rank {rank} stopped: FloatingPointError: loss is nan at step 2" in done.stdout, done.stdout[-2000:]
-    assert not (tmp_path / "checkpoint").exists()
+    assert ranks["hung"] == [] and ranks["exitcodes"] == [1, 1], ranks
+    for rank, log in enumerate(ranks["logs"]):
+        assert f"rank {rank} stopped: {NAN}" in log, log[-2000:]
+        assert "done: nan" not in log
+    assert not (ranks["out"] / "nan" / "checkpoint").exists()
 
 
-def test_a_dmd_iteration_under_fsdp_equals_one_process(tmp_path):
+def test_a_dmd_iteration_under_fsdp_equals_one_process(ranks, oracle):
     """Two DMD iterations (generator and critic updates, the teacher's guided score, the EMA) with
     generator, critic and frozen teacher sharded at 2 ranks equal one process's with plain models.
     Every rank runs the whole batch (FSDP shards memory here; DMD's batch is not split).
     Breakage tried: clipping each rank's shard by its own norm (``to_local`` gradients) fails here
     (at the critic's weights)."""
-    done = torchrun("dmd", tmp_path / "dmd")
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = load_file(str(tmp_path / "dmd.safetensors"))
-    rows, want = fsdp_worker.dmd_run()
+    got = load_file(str(ranks["out"] / "dmd.safetensors"))
+    rows, want = oracle["dmd"]
     assert all("generator_loss" in r for r in rows) and set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want if k.startswith("teacher."))
     for part in ("generator.", "critic.", "ema."):
         keys = [k for k in want if k.startswith(part)]
         assert close(want, got, keys), part
     moved = [k for k in want if k.startswith("generator.")]
-    assert not close(want, {k: fsdp_worker.dmd_run(0)[1][k] for k in moved}, moved)
+    assert not close(want, oracle["dmd0"], moved)
