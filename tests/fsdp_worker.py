@@ -3,8 +3,8 @@
 ``ranks(out, rank, world, init)`` is one rank's whole job, three phases in one process group:
 
 train  two training steps of a tiny model, saved to OUT/train/checkpoint (sharded)
-dmd    two DMD iterations of tiny generator / critic / teacher; their whole weights and the EMA to
-       OUT/dmd.safetensors
+dmd    two DMD iterations of tiny (one-block) generator / critic / teacher; their whole weights
+       and the EMA to OUT/dmd.safetensors
 nan    as train (to OUT/nan), but rank 1's loss is NaN at the second step: every rank says why it
        stopped and exits 1. Last, since it ends the processes.
 
@@ -61,7 +61,8 @@ def dmd_run(iterations=2):
 
     from ca2vdm.distill import DMD, DMDConfig, VideoDMD
 
-    kw = dict(dtype=torch.float32, conditioning="class", num_classes=3, prediction="sample", max_context_frames=3)
+    kw = dict(dtype=torch.float32, conditioning="class", num_classes=3, prediction="sample", max_context_frames=3,
+              depth=1)
     teacher, student, critic = tiny_model(seed=0, **kw), tiny_model(seed=1, **kw).train(), tiny_model(seed=0, **kw)
     teacher.requires_grad_(False)
     critic.train()
