@@ -154,7 +154,8 @@ def test_the_reader_sees_relative_and_lazy_imports(tmp_path, source, expected):
 BACKBONES = {"ca2vdm.model", "ca2vdm.wan", "ca2vdm.causal_wan", "ca2vdm.layers"}
 BACKBONE_CLASSES = {"CausalVideoDiT", "WanTransformer", "CausalWan"}
 ENGINE = ("ca2vdm.stream", "ca2vdm.stepcache", "ca2vdm.cache", "ca2vdm.generate", "ca2vdm.backbone",
-          "ca2vdm.training.losses", "ca2vdm.training.trainer", "ca2vdm.training.optim", "ca2vdm.distill.dmd",
+          "ca2vdm.training.losses", "ca2vdm.training.trainer", "ca2vdm.training.optim",
+          "ca2vdm.training.parallel", "ca2vdm.training.memory", "ca2vdm.distill.dmd",
           "ca2vdm.distill.ode", "ca2vdm.distill.video", "ca2vdm.distill.run")
 
 

@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 from ..diffusion import mix_seed
 from ..safefile import save_safetensors
+from ..training.parallel import clip_grad_norm
 from ..training.optim import EMA, load_optimizer, optimizer_tensors
 
 
@@ -160,10 +161,10 @@ class DMD:
         loss = dmd_loss(x, grad)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), cfg.grad_clip)
+        norm = clip_grad_norm(self.generator.parameters(), cfg.grad_clip)  # over every rank's shards (FSDP)
         self.opt_g.step()
         self.ema.update(self.generator, self.iteration // cfg.ratio)
-        return {"generator_loss": loss.item(), "generator_grad_norm": norm.item(), "sample": (clean, cond)}
+        return {"generator_loss": loss.item(), "generator_grad_norm": norm, "sample": (clean, cond)}
 
     def critic_step(self, sample: tuple | None = None) -> dict:
         """One update of the critic by its diffusion loss on (detached) generator samples
@@ -178,9 +179,9 @@ class DMD:
             raise FloatingPointError(f"critic loss is {loss.item()} at iteration {self.iteration}")
         self.opt_c.zero_grad(set_to_none=True)
         loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.config.grad_clip)
+        norm = clip_grad_norm(self.critic.parameters(), self.config.grad_clip)
         self.opt_c.step()
-        return {"critic_loss": loss.item(), "critic_grad_norm": norm.item()}
+        return {"critic_loss": loss.item(), "critic_grad_norm": norm}
 
     def lr_factor(self) -> float:
         """The learning-rate multiplier at this iteration (1 without decay): a function of the
