@@ -85,6 +85,8 @@ class DMDRunConfig:
     log_every: int = 10
     save_every: int = 50
     sample_every: int = 250
+    init: str = ""                  # the checkpoint DMD starts from (default out_dir/ode_init/checkpoint): arms of a
+                                    # comparison share one ODE init; its levels must be this config's
     diagnose_every: int = 50        # > 0: the score diagnostic (``diagnostic.score_diagnostic``) at iteration 1
                                     # and every this many, into metrics.csv (not counted in cpu_minutes)
     dmd: DMDConfig = field(default_factory=DMDConfig)
@@ -325,9 +327,13 @@ class Distillation:
     # -- stage 2 --------------------------------------------------------------------------------
     def dmd(self):
         c, rc = self.cfg, self.cfg.dmd
-        folder, init = self.out / "dmd", self.out / "ode_init" / "checkpoint"
+        folder, init = self.out / "dmd", Path(rc.init) if rc.init else self.out / "ode_init" / "checkpoint"
         if not (init / "config.json").is_file():
-            raise FileNotFoundError(f"no ODE-init student in {init}: run the ode-init stage first")
+            raise FileNotFoundError(f"no ODE-init student in {init}: " + ("dmd.init names no checkpoint" if rc.init
+                                                                          else "run the ode-init stage first"))
+        if rc.init and read_config(init).get("sampling", {}).get("levels") != self.levels:
+            raise CheckpointError(f"dmd.init={init} is a student for levels "
+                                  f"{read_config(init).get('sampling', {}).get('levels')}, this config's are {self.levels}")
         generator = load_checkpoint(init).train()
         critic = copy.deepcopy(self.teacher).requires_grad_(True).train()  # the fake score starts as the real one
         problem = VideoDMD(generator, self.teacher, critic, self.levels, self.frames, rc.batch_size,
