@@ -14,6 +14,13 @@ One iteration (``DMD.step``), as in the papers' algorithm::
     loss_C <- the ordinary flow loss of the critic on x' | c' at an independent sigma'
     (separate Adam optimizers, betas (0, 0.999); gradient clipping; an EMA of the generator)
 
+Settings the references separate are separate keys here (``DMDConfig``): the critic's betas and
+weight decay (AdamW when > 0), the generator's weight decay, a critic-only warm-up (no generator
+update before iteration ``critic_warmup``), the critic's noise-level law (the teacher's training law
+or DMD's), and what the problem reads through ``DMDProblem.configure``: the real score's guidance
+and the precision of the real and fake scores. ``diagnostic.score_diagnostic`` measures, on a fixed
+probe batch, how far the critic is from the real score and how much of that is the guidance term.
+
 Everything the problem defines is a function handed in (``DMDProblem``): how the generator samples,
 the real and fake x0 predictions, the critic's loss. The video problem (a causal student, the
 teacher's all-chunks forward) and the 2-D toy of the tests are both such problems. Every random
@@ -75,6 +82,10 @@ def dmd_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+CRITIC_LEVELS = ("teacher", "dmd")
+SCORE_PRECISIONS = ("autocast", "float32")
+
+
 @dataclass
 class DMDConfig:
     """Settings of a DMD run (defaults from CausVid and Self-Forcing where they apply)."""
@@ -92,9 +103,38 @@ class DMDConfig:
     decay_iterations: int = 0       # > 0: both learning rates follow a cosine to min_lr_ratio over these
     min_lr_ratio: float = 0.1
     seed: int = 0
+    # -- settings the references separate (issue 26); the defaults keep the behaviour before them
+    critic_betas: tuple | None = None   # default betas
+    critic_weight_decay: float = 0.0    # > 0: AdamW (decoupled decay; Self-Forcing 0.01)
+    generator_weight_decay: float = 0.0  # > 0: AdamW
+    critic_warmup: int = 0              # critic-only iterations before the first generator update
+    critic_levels: str = "teacher"      # the critic loss's noise levels: "teacher" (its training law) or
+                                        # "dmd" (dmd_levels with level_shift / level_min / level_max)
+    real_guidance: float | None = None  # guidance of the real score (the problem's; None: the ODE pairs')
+    score_precision: str = "autocast"   # real and fake x0 predictions: "autocast" (the run's) or "float32"
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if self.critic_betas is None:
+            self.critic_betas = self.betas
+        self.critic_betas = tuple(self.critic_betas)
+        for name in ("betas", "critic_betas"):
+            b = getattr(self, name)
+            if len(b) != 2 or not all(0 <= v < 1 for v in b):
+                raise ValueError(f"DMDConfig.{name}={b}: two numbers in [0, 1)")
+        for name in ("critic_weight_decay", "generator_weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"DMDConfig.{name}={getattr(self, name)}: must be 0 (Adam) or more (AdamW)")
+        if self.critic_warmup < 0:
+            raise ValueError(f"DMDConfig.critic_warmup={self.critic_warmup}: must be 0 or more iterations")
+        if self.critic_levels not in CRITIC_LEVELS:
+            raise ValueError(f"DMDConfig.critic_levels={self.critic_levels!r}: must be one of {', '.join(CRITIC_LEVELS)}")
+        if self.real_guidance is not None and not (0 <= self.real_guidance < math.inf):
+            raise ValueError(f"DMDConfig.real_guidance={self.real_guidance}: a guidance scale >= 0 (1: none), "
+                             "or null for the ODE pairs' teacher_guidance")
+        if self.score_precision not in SCORE_PRECISIONS:
+            raise ValueError(f"DMDConfig.score_precision={self.score_precision!r}: must be one of "
+                             f"{', '.join(SCORE_PRECISIONS)}")
         if self.ratio < 1:
             raise ValueError(f"DMDConfig.ratio={self.ratio}: must be at least 1")
         if self.critic_lr is None:
@@ -115,8 +155,16 @@ class DMDProblem:
                                             float64; x the clean samples, detached (a causal model's
                                             context in the all-chunks layout)
     fake_x0(x_t, sigma, x, cond) -> x0      the critic's clean prediction, the same inputs
-    critic_loss(x, cond, g) -> loss         the critic's ordinary diffusion loss on detached samples x
+    critic_loss(x, cond, g) -> loss         the critic's ordinary diffusion loss on detached samples x;
+                                            with ``critic_levels: dmd`` called as critic_loss(x, cond, g,
+                                            levels=law), law(n, g) -> (n,) float64 levels to noise at
     chunk_frames                            frames per chunk, for the per-chunk normaliser (videos)
+    real_parts(x_t, sigma, x, cond)         optional: (real, real_cond), the guided real x0 prediction and
+        -> (real, real_cond)                the teacher's conditional-only one from the same call (for the
+                                            diagnostic's guidance direction; None: no guidance to measure)
+    configure(config)                       optional: reads the ``DMDConfig`` settings the problem
+                                            implements (real_guidance, score_precision); called when the
+                                            run is built and when ``DMD.load`` adopts a saved config
     """
 
     generate: Callable
@@ -124,6 +172,14 @@ class DMDProblem:
     fake_x0: Callable
     critic_loss: Callable
     chunk_frames: int | None = None
+    real_parts: Callable | None = None
+    configure: Callable | None = None
+
+
+def _optimizer(module: nn.Module, lr: float, betas: tuple, weight_decay: float) -> torch.optim.Optimizer:
+    if weight_decay > 0:
+        return torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
 
 
 def _noised(x, sigma, g):
@@ -138,11 +194,24 @@ class DMD:
 
     def __init__(self, generator: nn.Module, critic: nn.Module, problem: DMDProblem, config: DMDConfig):
         self.generator, self.critic, self.problem, self.config = generator, critic, problem, config
-        self.opt_g = torch.optim.Adam(generator.parameters(), lr=config.generator_lr, betas=config.betas)
-        self.opt_c = torch.optim.Adam(critic.parameters(), lr=config.critic_lr, betas=config.betas)
+        self._adopt(config)
         self.ema = EMA(generator, config.ema_decay)
         self.iteration = 0
         self.cpu_minutes = 0.0  # CPU time the iterations took (all threads), kept across resumes: a budget
+
+    def _adopt(self, config: DMDConfig) -> None:
+        """Take ``config``: new optimizers (Adam, or AdamW with weight decay) and the problem's settings."""
+        self.config = config
+        self.opt_g = _optimizer(self.generator, config.generator_lr, config.betas, config.generator_weight_decay)
+        self.opt_c = _optimizer(self.critic, config.critic_lr, config.critic_betas, config.critic_weight_decay)
+        if self.problem.configure is not None:
+            self.problem.configure(config)
+
+    def generator_due(self) -> bool:
+        """Whether this iteration updates the generator: after ``critic_warmup`` critic-only
+        iterations, every ``ratio`` iterations from the first (a function of the iteration alone)."""
+        cfg = self.config
+        return self.iteration >= cfg.critic_warmup and (self.iteration - cfg.critic_warmup) % cfg.ratio == 0
 
     def _rng(self, stream: int) -> torch.Generator:
         return torch.Generator().manual_seed(mix_seed(self.config.seed, self.iteration, stream))
@@ -163,7 +232,7 @@ class DMD:
         loss.backward()
         norm = clip_grad_norm(self.generator.parameters(), cfg.grad_clip)  # over every rank's shards (FSDP)
         self.opt_g.step()
-        self.ema.update(self.generator, self.iteration // cfg.ratio)
+        self.ema.update(self.generator, (self.iteration - cfg.critic_warmup) // cfg.ratio)
         return {"generator_loss": loss.item(), "generator_grad_norm": norm, "sample": (clean, cond)}
 
     def critic_step(self, sample: tuple | None = None) -> dict:
@@ -174,7 +243,12 @@ class DMD:
             with torch.no_grad():
                 sample = self.problem.generate(g, False)
         x, cond = sample
-        loss = self.problem.critic_loss(x.detach(), cond, g)
+        cfg = self.config
+        if cfg.critic_levels == "dmd":
+            law = lambda n, gen: dmd_levels(n, gen, cfg.level_shift, cfg.level_min, cfg.level_max)  # noqa: E731
+            loss = self.problem.critic_loss(x.detach(), cond, g, levels=law)
+        else:
+            loss = self.problem.critic_loss(x.detach(), cond, g)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"critic loss is {loss.item()} at iteration {self.iteration}")
         self.opt_c.zero_grad(set_to_none=True)
@@ -193,14 +267,15 @@ class DMD:
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def step(self) -> dict:
-        """One iteration: a generator update when due (every ``ratio`` iterations, from the first),
-        then a critic update (on that update's samples, detached, when there was one)."""
+        """One iteration: a generator update when due (``generator_due``: every ``ratio`` iterations
+        after the critic-only warm-up), then a critic update (on that update's samples, detached, when
+        there was one)."""
         f = self.lr_factor()
         for opt, lr in ((self.opt_g, self.config.generator_lr), (self.opt_c, self.config.critic_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * f
         row, sample = {"iteration": self.iteration + 1, "lr_factor": f}, None
-        if self.iteration % self.config.ratio == 0:
+        if self.generator_due():
             out = self.generator_step()
             sample = out.pop("sample")
             row.update(out)
@@ -238,10 +313,12 @@ class DMD:
             raise ValueError(f"cannot read the DMD state {path}: {e}") from e
         if "iteration" not in meta:
             raise ValueError(f"{path} is not a DMD state (no iteration in its metadata)")
-        try:
+        try:  # a file from before a setting existed lacks its key: the default (the behaviour then)
             saved = DMDConfig(**json.loads(meta["config"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: the DMD settings saved with it cannot be read ({e})") from e
+        changed = [f.name for f in fields(DMDConfig) if getattr(saved, f.name) != getattr(self.config, f.name)]
+        self._adopt(saved)  # the optimizers of the saved settings (Adam or AdamW, betas) before their state
         pick = lambda p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")}  # noqa: E731
         self.generator.load_state_dict(pick("generator"))
         self.critic.load_state_dict(pick("critic"))
@@ -250,9 +327,4 @@ class DMD:
         load_optimizer(self.opt_c, self.critic, tensors, "opt_c", path)
         self.iteration = int(meta["iteration"])
         self.cpu_minutes = float(meta.get("cpu_minutes", 0.0))
-        changed = [f.name for f in fields(DMDConfig) if getattr(saved, f.name) != getattr(self.config, f.name)]
-        self.config = saved
-        for opt in (self.opt_g, self.opt_c):  # the learning rates are set at every step from the config
-            for group in opt.param_groups:
-                group["betas"] = saved.betas
         return changed

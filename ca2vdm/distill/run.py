@@ -20,8 +20,9 @@ Config (YAML): top-level ``out_dir``, ``teacher`` (a checkpoint directory), ``st
 ``autocast`` (bf16 | off), ``seed``, ``samples`` / ``sample_frames``; sections ``ode_pairs``
 (``PairsConfig``), ``ode_init`` (a ``training.TrainConfig``: steps, batch_size, lr, warmup,
 ema_decay, grad_clip, save_every, log_every, eval_every = sample GIF period) and ``dmd``
-(``DMDRunConfig``: iterations, cpu_minutes, batch_size, exit_step, rollout, log_every, save_every, sample_every, and
-every ``DMDConfig`` field).
+(``DMDRunConfig``: iterations, cpu_minutes, batch_size, exit_step, rollout, log_every, save_every, sample_every,
+diagnose_every, and every ``DMDConfig`` field; ``dmd.real_guidance`` defaults to ``teacher_guidance``, the
+guidance of the ODE pairs).
 """
 
 import copy
@@ -43,6 +44,7 @@ from ..training.config import TrainConfig, apply_overrides
 from ..training.losses import clip_frames
 from ..training.optim import EMA, load_optimizer, lr_at, optimizer_tensors
 from ..training.trainer import TextCache
+from .diagnostic import diagnostic_columns, plot_diagnostic, score_diagnostic
 from .dmd import DMD, DMDConfig
 from .ode import ODEPairs, ode_regression_loss, write_ode_pairs
 from .video import ROLLOUTS, VideoDMD
@@ -83,6 +85,10 @@ class DMDRunConfig:
     log_every: int = 10
     save_every: int = 50
     sample_every: int = 250
+    init: str = ""                  # the checkpoint DMD starts from (default out_dir/ode_init/checkpoint): arms of a
+                                    # comparison share one ODE init; its levels must be this config's
+    diagnose_every: int = 50        # > 0: the score diagnostic (``diagnostic.score_diagnostic``) at iteration 1
+                                    # and every this many, into metrics.csv (not counted in cpu_minutes)
     dmd: DMDConfig = field(default_factory=DMDConfig)
 
     @classmethod
@@ -92,6 +98,8 @@ class DMDRunConfig:
         run.dmd = _from_dict(DMDConfig, {k: v for k, v in d.items() if k not in own}, "dmd")
         if run.iterations < 1 or run.batch_size < 1 or run.log_every < 1 or run.save_every < 1:
             raise ValueError("dmd: iterations, batch_size, log_every and save_every must be at least 1")
+        if run.diagnose_every < 0:
+            raise ValueError(f"dmd.diagnose_every={run.diagnose_every}: must be 0 (off) or more iterations")
         if not run.cpu_minutes >= 0:
             raise ValueError(f"dmd.cpu_minutes={run.cpu_minutes}: must be 0 (no budget) or more")
         if run.exit_step not in ("random", "last"):
@@ -319,9 +327,13 @@ class Distillation:
     # -- stage 2 --------------------------------------------------------------------------------
     def dmd(self):
         c, rc = self.cfg, self.cfg.dmd
-        folder, init = self.out / "dmd", self.out / "ode_init" / "checkpoint"
+        folder, init = self.out / "dmd", Path(rc.init) if rc.init else self.out / "ode_init" / "checkpoint"
         if not (init / "config.json").is_file():
-            raise FileNotFoundError(f"no ODE-init student in {init}: run the ode-init stage first")
+            raise FileNotFoundError(f"no ODE-init student in {init}: " + ("dmd.init names no checkpoint" if rc.init
+                                                                          else "run the ode-init stage first"))
+        if rc.init and read_config(init).get("sampling", {}).get("levels") != self.levels:
+            raise CheckpointError(f"dmd.init={init} is a student for levels "
+                                  f"{read_config(init).get('sampling', {}).get('levels')}, this config's are {self.levels}")
         generator = load_checkpoint(init).train()
         critic = copy.deepcopy(self.teacher).requires_grad_(True).train()  # the fake score starts as the real one
         problem = VideoDMD(generator, self.teacher, critic, self.levels, self.frames, rc.batch_size,
@@ -338,10 +350,14 @@ class Distillation:
         if run.iteration >= rc.iterations or budget():
             self.log(f"dmd: done ({run.iteration} iterations, {run.cpu_minutes:.1f} CPU minutes, in {folder})")
             return
-        self.log(f"dmd: {rc.iterations} iterations of batch {rc.batch_size} (generator every {rc.dmd.ratio}), "
-                 f"{rc.rollout} rollout, exit step {rc.exit_step}, from iteration {run.iteration}")
+        d = run.config
+        self.log(f"dmd: {rc.iterations} iterations of batch {rc.batch_size} (generator every {d.ratio}"
+                 + (f", after {d.critic_warmup} critic-only" if d.critic_warmup else "")
+                 + f"), {rc.rollout} rollout, exit step {rc.exit_step}, real score guidance {problem.real_guidance} "
+                 f"(ODE pairs {c.teacher_guidance}), {d.score_precision} scores, critic levels {d.critic_levels}, "
+                 f"from iteration {run.iteration}")
         cols = ["iteration", "generator_loss", "generator_grad_norm", "critic_loss", "critic_grad_norm", "lr_factor",
-                "minutes"]
+                "minutes"] + (diagnostic_columns(d) if rc.diagnose_every else [])
         metrics = _Metrics(folder / "metrics.csv", cols, rc.log_every, self.log, run.iteration)
         t0 = time.perf_counter()
         try:
@@ -350,6 +366,8 @@ class Distillation:
                 row = run.step()
                 run.cpu_minutes += (time.process_time() - cpu) / 60
                 row["minutes"] = (time.perf_counter() - t0) / 60
+                if rc.diagnose_every and (run.iteration % rc.diagnose_every == 0 or run.iteration == 1):
+                    row.update(score_diagnostic(run.problem, run.config))  # outside the CPU budget
                 g_losses = [r["generator_loss"] for r in metrics.rows + [row] if "generator_loss" in r]
                 g_text = f" generator {sum(g_losses) / len(g_losses):.4g}" if g_losses else ""
                 c_mean = sum(r["critic_loss"] for r in metrics.rows + [row]) / (len(metrics.rows) + 1)
@@ -362,6 +380,8 @@ class Distillation:
                     self._samples(self._ema_model(run.ema), folder / "samples" / f"iteration_{run.iteration:07d}.gif")
         finally:
             metrics.close()
+            if rc.diagnose_every and plot_diagnostic(folder / "metrics.csv", folder / "diagnostic.png"):
+                self.log(f"  wrote {folder / 'diagnostic.png'}")
 
     # -- helpers --------------------------------------------------------------------------------
     def _ema_model(self, ema: EMA) -> Backbone:
