@@ -425,7 +425,7 @@ def _distill(args):
 
 
 def _model_spec(text):
-    """--model NAME=DIR -> (NAME, DIR)."""
+    """--model NAME=DIR[:WEIGHTS] -> (NAME, "DIR[:WEIGHTS]") (serve.app.load_models reads the path)."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--model takes NAME=DIR, got {text!r}")
@@ -741,8 +741,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-sessions", type=int, default=4, help="streams generated at once; more get a busy error")
     v.add_argument("--fps", type=float, default=None, help="playback and pacing rate (default: 8, the digits clips')")
-    v.add_argument("--model", action="append", type=_model_spec, metavar="NAME=DIR",
-                   help="a checkpoint to serve (repeatable; default: the shipped digits and digits-fast)")
+    v.add_argument("--model", action="append", type=_model_spec, metavar="NAME=DIR[:WEIGHTS]",
+                   help="a checkpoint directory to serve, or a Wan pipeline folder with an optional causal "
+                        "checkpoint after a colon (frames and frame rate from the pipeline) (repeatable; default: "
+                        "the shipped digits and digits-fast)")
     v.add_argument("--threads", type=int, default=None, help="torch threads of the generation worker")
     v.add_argument("--token", default=None,
                    help="a secret viewers must give (open http://HOST:PORT/?token=SECRET); needed for a --host "

@@ -123,6 +123,11 @@ def check_folder(folder: Path, need_text: bool = True) -> None:
                             f"(the diffusers layout: transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
 
 
+def is_pipeline_folder(path) -> bool:
+    """Whether ``path`` is a diffusers pipeline folder (``model_index.json``) rather than a checkpoint."""
+    return (Path(path) / "model_index.json").is_file()
+
+
 def flow_shift_of(folder: Path) -> float:
     """The timestep shift of the folder's scheduler: ``flow_shift`` (UniPC, Wan's) or ``shift`` (flow-match Euler)."""
     cfg = _json(folder / "scheduler" / "scheduler_config.json")
