@@ -226,7 +226,8 @@ def test_each_bad_folder_is_one_clear_line(tiny, tmp_path, spoil, words, capsys)
 
 
 def test_a_truncated_causal_checkpoint_is_one_line(tiny, tmp_path):
-    """A causal .pt cut short is one line that says so. Break tried: torch.load's own error passed through."""
+    """A causal .pt cut short is one PipelineError line that says so. Break tried: wan_weights' multi-line
+    WanWeightsError passed through unwrapped."""
     bad = tmp_path / "cut.pt"
     bad.write_bytes(tiny[1].read_bytes()[:3000])
     with pytest.raises(PipelineError, match="truncated or corrupt") as e:
