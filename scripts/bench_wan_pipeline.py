@@ -1,6 +1,7 @@
 """Streaming VAE decode vs decoding the whole video at the end, on a tiny random Wan pipeline.
 
     python scripts/bench_wan_pipeline.py --json docs/wan_pipeline_cpu.json [--chunks 4] [--threads 1]
+    python scripts/bench_wan_pipeline.py --sizes "" --real-vae 240x416 --json docs/wan_vae_half_cpu.json
 
 For each frame size (the tiny pipeline's own 32x48, and half of Wan's resolution, 240x416 -> latent
 30x52) a tiny-depth causal transformer (scripts/make_tiny_wan_pipeline.py: 2 blocks, 24 wide, the
@@ -90,12 +91,39 @@ def run(pipe, chunks: int, seed: int = 0) -> dict:
                               "frames_per_second": frames / end_total, "vae_seconds": end_decode}}
 
 
+def real_vae(size: tuple) -> dict:
+    """Wan 2.1's VAE architecture (diffusers' AutoencoderKLWan defaults: 96 base channels, 16 latent
+    channels), random, streamed at pixel ``size``: the seconds of the first latent frame and of one
+    later one (each one decoder call), and what they make of a chunk of 3 and of frames/s."""
+    from diffusers import AutoencoderKLWan
+
+    from ca2vdm.wan_vae import StreamingWanDecoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan().eval().requires_grad_(False)
+    s = vae.spatial_compression_ratio
+    z = torch.randn(1, vae.config.z_dim, 2, size[0] // s, size[1] // s)
+    dec = StreamingWanDecoder(vae)
+    t = time.perf_counter()
+    dec.decode(z[:, :, :1])
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    dec.decode(z[:, :, 1:])
+    later = time.perf_counter() - t
+    return {"size": list(size), "base_dim": vae.config.base_dim, "seconds_first_latent_frame": first,
+            "seconds_later_latent_frame": later, "cache_mb": dec.nbytes() / 2 ** 20,
+            "derived": {"first_chunk_of_3_seconds": first + 2 * later, "later_chunk_of_3_seconds": 3 * later,
+                        "vae_frames_per_second": 4 / later}}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the report here")
     p.add_argument("--chunks", type=int, default=4)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--sizes", default="32x48,240x416", help="pixel frame sizes, comma-separated HxW")
+    p.add_argument("--sizes", default="32x48,240x416", help="pixel frame sizes, comma-separated HxW ('' for none)")
+    p.add_argument("--real-vae", metavar="HxW", help="also time Wan 2.1's full VAE architecture (random) at this "
+                   "size: its first and one later latent frame")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from importlib.util import module_from_spec, spec_from_file_location
@@ -109,7 +137,7 @@ def main(argv=None):
               "machine": cpu_info(), "load_before": load_average(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tiny.make(Path(tmp) / "pipe", weights=Path(tmp) / "causal.safetensors")
-        for size in args.sizes.split(","):
+        for size in filter(None, args.sizes.split(",")):
             h, w = (int(v) for v in size.split("x"))
             pipe = load_pipeline(Path(tmp) / "pipe", Path(tmp) / "causal.safetensors", size=(h, w))
             run(pipe, 1)  # warm-up
@@ -120,6 +148,11 @@ def main(argv=None):
                   f"{s['frames_per_second']:.1f} frames/s, VAE {s['vae_share']:.0%} of each chunk; at the end: "
                   f"first frame {e['seconds_to_first_frame']:.2f} s, {e['frames_per_second']:.1f} frames/s; "
                   f"same frames: {r['same_frames']}")
+    if args.real_vae:
+        h, w = (int(v) for v in args.real_vae.split("x"))
+        r = report["real_vae"] = real_vae((h, w))
+        print(f"Wan 2.1 VAE at {h}x{w}: first latent frame {r['seconds_first_latent_frame']:.1f} s, a later one "
+              f"{r['seconds_later_latent_frame']:.1f} s ({r['derived']['vae_frames_per_second']:.3f} frames/s)")
     report["load_after"] = load_average()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
