@@ -137,7 +137,7 @@ def _pipeline(args):
     device, dtype = _device_and_dtype(args)
     pipe = load_pipeline(args.pipeline, args.weights, text=args.prompt_states, text_dtype=getattr(torch, args.text_dtype),
                          size=args.size, chunk_frames=args.chunk_frames, max_context_frames=args.window,
-                         steps=args.steps, levels=args.levels, guidance=args.guidance, flow_shift=args.flow_shift,
+                         sink_frames=args.sink_frames, rope_positions=args.rope_positions, steps=args.steps, levels=args.levels, guidance=args.guidance, flow_shift=args.flow_shift,
                          dtype=dtype, device=device, verbose=True)
     if args.fps is not None:
         pipe.fps = args.fps
@@ -458,6 +458,11 @@ def _add_pipeline_options(p) -> None:
     w.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (default 3, Self-Forcing's)")
     w.add_argument("--window", type=int, default=21,
                    help="latent frames a chunk attends to, itself included (default 21, Self-Forcing's)")
+    w.add_argument("--sink-frames", type=int, default=0,
+                   help="first latent frames every chunk attends to, counted in the window (LongLive: 3)")
+    w.add_argument("--rope-positions", choices=["absolute", "rebased"], default="absolute",
+                   help="absolute (Wan's; stops at latent frame 1024) or rebased (LongLive's: the sink, then the "
+                        "window; goes on)")
     w.add_argument("--flow-shift", type=float, help="timestep shift (default: scheduler/scheduler_config.json's)")
     w.add_argument("--text-dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="dtype of the umT5 text encoder (default bfloat16, as Wan ships it)")

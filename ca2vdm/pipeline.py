@@ -164,7 +164,8 @@ def _load_vae(folder: Path, device):
 
 def load_pipeline(folder, transformer_weights=None, *, text=None, text_dtype: torch.dtype = torch.bfloat16,
                   size=None, chunk_frames: int = SELF_FORCING["chunk_frames"],
-                  max_context_frames: int = SELF_FORCING["max_context_frames"], steps: int | None = None,
+                  max_context_frames: int = SELF_FORCING["max_context_frames"], sink_frames: int = 0,
+                  rope_positions: str = "absolute", steps: int | None = None,
                   levels=None, guidance: float | None = None, flow_shift: float | None = None,
                   dtype: torch.dtype = torch.float32, device="cpu", verbose: bool = False, **weights_kwargs) -> Pipeline:
     """Load a Wan pipeline folder (see the module docstring) for streaming.
@@ -172,7 +173,9 @@ def load_pipeline(folder, transformer_weights=None, *, text=None, text_dtype: to
     transformer_weights: a causal checkpoint in Wan's own layout (``.pt`` read only with
     ``torch.load(weights_only=True)``, or ``.safetensors``) with the folder's transformer config;
     None: the folder's own transformer. weights_kwargs: ``wan_weights.load_wan``'s ``entry``,
-    ``prefix``, ``lora``, ``lora_alpha``, ``lora_entry``. text: None (umT5 from the folder, in
+    ``prefix``, ``lora``, ``lora_alpha``, ``lora_entry``. chunk_frames, max_context_frames (the
+    window, the chunk included), sink_frames, rope_positions: the attention set (``wan.WanConfig``;
+    LongLive: 3, 12, 3, "rebased"). text: None (umT5 from the folder, in
     ``text_dtype``) or a ``.safetensors`` of precomputed prompt states (``text.save_prompt_states``);
     then the folder needs no text_encoder/ or tokenizer/. size: pixel (H, W), default the folder's
     own (``model_index.json``'s ``_ca2vdm_default_size``) else Wan's 480 x 832. steps / levels /
@@ -185,7 +188,8 @@ def load_pipeline(folder, transformer_weights=None, *, text=None, text_dtype: to
     summary = [f"pipeline {folder}"]
     # the transformer: the folder's config, the folder's weights or the causal checkpoint's
     tcfg = _json(folder / "transformer" / "config.json")
-    chunk = dict(chunk_frames=chunk_frames, max_context_frames=max_context_frames)
+    chunk = dict(chunk_frames=chunk_frames, max_context_frames=max_context_frames, sink_frames=sink_frames,
+                 rope_positions=rope_positions)
     try:
         if transformer_weights is None:
             transformer = load_wan(folder / "transformer", dtype=dtype, device=device, **chunk)
@@ -203,7 +207,8 @@ def load_pipeline(folder, transformer_weights=None, *, text=None, text_dtype: to
         raise PipelineError(f"{folder}/transformer/config.json: {_one_line(e)}") from None
     wan = transformer.config
     summary.append(f"  transformer  {where}: {wan.num_layers} blocks, {wan.hidden} wide, {dtype}; "
-                   f"chunks of {wan.chunk_frames} latent frames, window {wan.max_context_frames}")
+                   f"chunks of {wan.chunk_frames} latent frames, window {wan.max_context_frames}"
+                   + (f" with {wan.sink_frames} sink frames, {wan.rope_positions} RoPE" if wan.sink_frames else ""))
     # the VAE
     vae = _load_vae(folder, device)
     z = vae.config.z_dim

@@ -74,6 +74,10 @@ def test_generate_writes_the_frames_the_vae_arithmetic_says(tiny, tmp_path, caps
         assert mp4_frames(out) == expected
     printed = capsys.readouterr().out
     assert "time to first frame" in printed and "causal.pt (Wan's layout)" in printed and "flow shift 3" in printed
+    out = tmp_path / "sink.mp4"  # LongLive's attention set, past evictions: 10 latent frames, window 7, sink 3
+    main(["generate", "--pipeline", str(folder), "--weights", str(weights), "--prompt", PROMPT, "--frames", "37",
+          "--window", "7", "--sink-frames", "3", "--rope-positions", "rebased", "--out", str(out)])
+    assert mp4_frames(out) == 37 and "window 7 with 3 sink frames, rebased RoPE" in capsys.readouterr().out
 
 
 def test_streamed_pixels_equal_decoding_the_whole_video_at_the_end(pipe):
