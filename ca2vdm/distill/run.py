@@ -531,8 +531,8 @@ def distill_from_config(cfg: DistillConfig, stages=STAGES, log=print) -> Distill
             if stage in stages:
                 t0 = time.perf_counter()
                 getattr(run, stage.replace("-", "_"))()
+                parallel.barrier()  # what rank 0 wrote (ddp checkpoints) is there before any rank reads it
                 run.log(f"{stage}: {(time.perf_counter() - t0) / 60:.1f} minutes (wall clock) this session")
-        parallel.barrier()  # every rank done (rank 0 has written) before any leaves
     finally:
         if created:
             parallel.dist.destroy_process_group()
