@@ -1,13 +1,14 @@
 """What the FSDP tests run, in one process (the oracle: a plain model) or at 2 gloo ranks (FSDP2).
 
-``ranks(out, rank, world, init)`` is one rank's whole job, three phases in one process group:
+``ranks(out, rank, world, init)`` is one rank's whole job, four phases in one process group:
 
 train  two training steps of a tiny model, saved to OUT/train/checkpoint (sharded)
 dmd    two DMD iterations of tiny (one-block) generator / critic / teacher; their whole weights
        and the EMA to OUT/dmd.safetensors
 distill  ``ca2vdm distill`` with ``parallel: fsdp`` (``distill_setup``'s teacher and config): the
        ode-pairs, ode-init and dmd stages into OUT/distill2; the DMD run's whole tensors (networks,
-       EMA, optimizer moments) to OUT/distill2.safetensors
+       EMA, optimizer moments) to OUT/distill2.safetensors; the same with ``parallel: ddp`` into
+       OUT/distill2ddp
 nan    as train (to OUT/nan), but rank 1's loss is NaN at the second step: every rank says why it
        stopped and exits 1. Last, since it ends the processes.
 
@@ -131,7 +132,7 @@ def dmd_tensors(run) -> dict:
 
 
 def phases(out: Path, rank: int, say) -> None:
-    """The three phases in order, in an initialised process group."""
+    """The phases in order, in an initialised process group."""
     tr = trainer(out / "train")
     tr.run(say)
     say(f"rank {rank} done: train")
@@ -142,11 +143,12 @@ def phases(out: Path, rank: int, say) -> None:
         save_file(tensors, str(out / "dmd.safetensors"))
         say(f"rows {rows}")
     say(f"rank {rank} done: dmd")
-    tensors = dmd_tensors(distill_run(out, "distill2", "fsdp").dmd_run)
-    if rank == 0:
-        from safetensors.torch import save_file
+    for run_dir, mode in (("distill2", "fsdp"), ("distill2ddp", "ddp")):
+        tensors = dmd_tensors(distill_run(out, run_dir, mode).dmd_run)
+        if rank == 0:
+            from safetensors.torch import save_file
 
-        save_file(tensors, str(out / "distill2.safetensors"))
+            save_file(tensors, str(out / f"{run_dir}.safetensors"))
     say(f"rank {rank} done: distill")
     tr = trainer(out / "nan")
     if rank == 1:

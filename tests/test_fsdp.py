@@ -3,7 +3,8 @@ model (the oracle, computed here, sharing nothing with the ranks), sharded check
 resumable at another number of ranks, pickle-free), a NaN on one rank.
 
 The 2 ranks are forked once from this process (``fsdp_worker.start``) and run, in one gloo process
-group, the training steps and their save, the DMD iterations, then the NaN run, which ends them;
+group, the training steps and their save, the DMD iterations, ``ca2vdm distill``'s three stages
+(``parallel: fsdp``), then the NaN run, which ends them;
 each rank logs to its own file and the tests read the logs, the checkpoint and the DMD tensors.
 Forking starts no interpreter and imports nothing (the modules are imported here first): a bare
 2-rank init + barrier took 0.25 s forked against 16-21 s for torchrun, two subprocesses or
@@ -194,7 +195,8 @@ def test_a_nan_on_one_rank_stops_every_rank(ranks):
 def test_a_dmd_iteration_under_fsdp_equals_one_process(ranks, oracle):
     """Two DMD iterations (generator and critic updates, the teacher's guided score, the EMA) with
     generator, critic and frozen teacher sharded at 2 ranks equal one process's with plain models.
-    Every rank runs the whole batch (FSDP shards memory here; DMD's batch is not split).
+    Every rank runs the whole batch (a problem without ``rows``: FSDP shards memory, the batch is not
+    split; ``ca2vdm distill`` splits it, see the distill test below).
     Breakage tried: clipping each rank's shard by its own norm (``to_local`` gradients) fails here
     (at the critic's weights; tried again with one-block models and the single forked launch)."""
     got = load_file(str(ranks["out"] / "dmd.safetensors"))
@@ -214,8 +216,8 @@ def test_distill_stages_under_fsdp_equal_one_process(ranks, oracle):
     batch of 2 over the ranks, student / generator, critic and frozen teacher sharded, and give one
     process's exported students and DMD state (networks, EMA, optimizer moments) to ``BOUND``. Rank
     0 alone writes metrics.csv and logs.
-    Breakage tried: drawing the DMD noise for this rank's rows only (``_noised`` without ``rows``)
-    fails here (at the generator)."""
+    Breakage tried: drawing the DMD noise for this rank's rows only (``_noised`` without ``rows``:
+    rank 1 gets sample 0's noise) fails here (at the exported DMD student)."""
     out = ranks["out"]
     two, one = out / "distill2", out / "distill1"
     for name in ("pairs_00000.safetensors", "pairs_00001.safetensors"):
@@ -241,7 +243,7 @@ def test_a_distill_stage_saved_at_two_ranks_resumes_at_one_rank(ranks, oracle, t
     models), runs a third iteration to one process's uninterrupted weights, EMA and optimizer state;
     its export loads with ``load_checkpoint`` (what ``generate`` uses).
     Breakage tried: resuming without the optimizer moments (``DMD.load`` leaving ``opt_*`` out of the
-    sharded read) fails here."""
+    sharded read) fails here (at the generator)."""
     import shutil
 
     shutil.copytree(ranks["out"] / "distill2", ranks["out"] / "distill2r")
@@ -253,3 +255,13 @@ def test_a_distill_stage_saved_at_two_ranks_resumes_at_one_rank(ranks, oracle, t
         assert close(want, got, keys), part
     exported = load_checkpoint(ranks["out"] / "distill2r" / "dmd" / "checkpoint").state_dict()
     assert close({k: want[f"ema.{k}"] for k in exported}, exported)
+
+
+def test_distill_under_ddp_equals_one_process(ranks, oracle):
+    """``ca2vdm distill`` with ``parallel: ddp`` at 2 ranks (networks whole on each rank, the batch
+    split, gradients all-reduced after each backward) gives one process's DMD state.
+    Breakage tried: no gradient all-reduce (``average_gradients`` a no-op) fails here."""
+    got, want = load_file(str(ranks["out"] / "distill2ddp.safetensors")), oracle["distill"]
+    for part in ("generator.", "critic.", "ema.", "opt_g.", "opt_c."):
+        keys = [k for k in want if k.startswith(part) and want[k].dim()]
+        assert close(want, got, keys), part
