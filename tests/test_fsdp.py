@@ -265,3 +265,23 @@ def test_distill_under_ddp_equals_one_process(ranks, oracle):
     for part in ("generator.", "critic.", "ema.", "opt_g.", "opt_c."):
         keys = [k for k in want if k.startswith(part) and want[k].dim()]
         assert close(want, got, keys), part
+
+
+def test_distill_parallel_settings_that_contradict_themselves_are_refused():
+    """``parallel`` / ``mixed_precision`` / ``grad_checkpointing`` are top-level distill keys (one
+    setting for every stage): in a section, an unknown scheme, bf16 without fsdp, a batch that does
+    not split over the ranks are one-line errors."""
+    from ca2vdm.distill import DistillConfig
+
+    base = {"teacher": "t"}
+    assert DistillConfig.from_dict(base | {"parallel": "fsdp", "mixed_precision": "bf16"}).parallel == "fsdp"
+    for bad, message in (({"ode_init": {"parallel": "fsdp"}}, "set it at the top level"),
+                         ({"dmd": {"grad_checkpointing": True}}, "set it at the top level"),
+                         ({"parallel": "zero3"}, "must be one of ddp, fsdp"),
+                         ({"mixed_precision": "bf16"}, "needs parallel='fsdp'")):
+        with pytest.raises(ValueError, match=message):
+            DistillConfig.from_dict(base | bad)
+    with pytest.raises(ValueError, match="does not split evenly over 2 ranks"):
+        parallel.Rows(3, rank=0, size=2)
+    rows = [parallel.Rows(4, rank=r, size=2) for r in range(2)]
+    assert [r.take(list(range(4))) for r in rows] == [[0, 1], [2, 3]]
