@@ -40,8 +40,8 @@ from safetensors.torch import load_file
 from ..diffusion import mix_seed
 from ..safefile import save_safetensors
 from ..training import parallel
-from ..training.parallel import clip_grad_norm
 from ..training.optim import EMA, init_optimizer_state, load_optimizer, optimizer_tensors
+from ..training.parallel import clip_grad_norm
 
 
 # --------------------------------------------------------------------------------------------

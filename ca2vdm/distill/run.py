@@ -50,11 +50,10 @@ from ..checkpoint import (CheckpointError, build_model, load_checkpoint, load_st
 from ..config import coerce_fields
 from ..data import build_dataset
 from ..diffusion import mix_seed
+from ..training import parallel
 from ..training.config import TrainConfig, apply_overrides
 from ..training.losses import clip_frames
-from ..training.optim import EMA, load_optimizer, lr_at, optimizer_tensors
-from ..training import parallel
-from ..training.optim import init_optimizer_state
+from ..training.optim import EMA, init_optimizer_state, load_optimizer, lr_at, optimizer_tensors
 from ..training.trainer import TextCache
 from .diagnostic import diagnostic_columns, plot_diagnostic, score_diagnostic
 from .dmd import DMD, DMDConfig
