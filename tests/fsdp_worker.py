@@ -1,10 +1,14 @@
 """What the FSDP tests run, in one process (the oracle: a plain model) or at 2 gloo ranks (FSDP2).
 
-``ranks(out, rank, world, init)`` is one rank's whole job, three phases in one process group:
+``ranks(out, rank, world, init)`` is one rank's whole job, four phases in one process group:
 
 train  two training steps of a tiny model, saved to OUT/train/checkpoint (sharded)
 dmd    two DMD iterations of tiny (one-block) generator / critic / teacher; their whole weights
        and the EMA to OUT/dmd.safetensors
+distill  ``ca2vdm distill`` with ``parallel: fsdp`` (``distill_setup``'s teacher and config): the
+       ode-pairs, ode-init and dmd stages into OUT/distill2; the DMD run's whole tensors (networks,
+       EMA, optimizer moments) to OUT/distill2.safetensors; the same with ``parallel: ddp`` into
+       OUT/distill2ddp
 nan    as train (to OUT/nan), but rank 1's loss is NaN at the second step: every rank says why it
        stopped and exits 1. Last, since it ends the processes.
 
@@ -28,7 +32,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ca2vdm.training import parallel  # noqa: E402
 
 STEPS = 2
-PHASES = ("train", "dmd", "nan")
+PHASES = ("train", "dmd", "distill", "nan")
+DISTILL = """out_dir: {out}
+teacher: {teacher}
+levels: [1.0, 0.8, 0.45]
+teacher_steps: 2
+autocast: "off"
+samples: 0
+parallel: {parallel}
+ode_pairs: {{clips: 4, batch_size: 2}}
+ode_init: {{steps: 2, batch_size: 2, lr: 0.001, warmup: 1, save_every: 2, eval_every: 0, log_every: 1}}
+dmd: {{iterations: 2, batch_size: 2, ratio: 1, log_every: 1, save_every: 2, sample_every: 0, generator_lr: 0.001,
+       grad_clip: 0.05, diagnose_every: 0}}
+"""
 
 
 class Clips:
@@ -81,8 +97,42 @@ def dmd_run(iterations=2):
     return rows, parallel.full_state(out)
 
 
+def distill_setup(out: Path) -> None:
+    """The distill phase's teacher (a tiny one-block class model; its data: ``Clips``)."""
+    from conftest import tiny_model
+
+    from ca2vdm.checkpoint import save_checkpoint
+
+    teacher = tiny_model(seed=0, dtype=torch.float32, conditioning="class", num_classes=3, prediction="sample",
+                         max_context_frames=3, depth=1)
+    save_checkpoint(out / "teacher", teacher, {"data": {"dataset": "test-clips"}})
+
+
+def distill_run(out: Path, run_dir: str, parallel_mode: str, stages=None, *overrides):
+    """``distill_from_config`` of ``DISTILL`` (out_dir OUT/run_dir) with ``Clips`` as its data: the
+    ``Distillation``; its ``dmd_run`` is the DMD run of the dmd stage."""
+    from ca2vdm.distill import STAGES, distill_from_config, load_distill_config
+    from ca2vdm.distill import run as run_module
+
+    cfg = out / f"{run_dir}.yaml"
+    if parallel.world()[0] == 0:
+        cfg.write_text(DISTILL.format(out=out / run_dir, teacher=out / "teacher", parallel=parallel_mode))
+    parallel.barrier()
+    real = run_module.build_dataset
+    run_module.build_dataset = lambda data, frames, split: Clips(frames=frames, classes=3)
+    try:
+        return distill_from_config(load_distill_config(cfg, list(overrides)), stages or STAGES, log=print)
+    finally:
+        run_module.build_dataset = real
+
+
+def dmd_tensors(run) -> dict:
+    """The whole tensors of a DMD run (networks, EMA, optimizer moments; every rank calls)."""
+    return parallel.full_state(run.live_tensors())
+
+
 def phases(out: Path, rank: int, say) -> None:
-    """The three phases in order, in an initialised process group."""
+    """The phases in order, in an initialised process group."""
     tr = trainer(out / "train")
     tr.run(say)
     say(f"rank {rank} done: train")
@@ -93,6 +143,13 @@ def phases(out: Path, rank: int, say) -> None:
         save_file(tensors, str(out / "dmd.safetensors"))
         say(f"rows {rows}")
     say(f"rank {rank} done: dmd")
+    for run_dir, mode in (("distill2", "fsdp"), ("distill2ddp", "ddp")):
+        tensors = dmd_tensors(distill_run(out, run_dir, mode).dmd_run)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(out / f"{run_dir}.safetensors"))
+    say(f"rank {rank} done: distill")
     tr = trainer(out / "nan")
     if rank == 1:
         real = tr.objective.forward

@@ -3,7 +3,8 @@ model (the oracle, computed here, sharing nothing with the ranks), sharded check
 resumable at another number of ranks, pickle-free), a NaN on one rank.
 
 The 2 ranks are forked once from this process (``fsdp_worker.start``) and run, in one gloo process
-group, the training steps and their save, the DMD iterations, then the NaN run, which ends them;
+group, the training steps and their save, the DMD iterations, ``ca2vdm distill``'s three stages
+(``parallel: fsdp``), then the NaN run, which ends them;
 each rank logs to its own file and the tests read the logs, the checkpoint and the DMD tensors.
 Forking starts no interpreter and imports nothing (the modules are imported here first): a bare
 2-rank init + barrier took 0.25 s forked against 16-21 s for torchrun, two subprocesses or
@@ -17,6 +18,8 @@ gradient error into a weight error of the same order where gradients are small) 
 within 2e-5 of the largest weight's magnitude (measured: 8e-8 of it for weights and EMA export,
 4.6e-6 of its own tensor's largest for the worst tensor; DMD 2.6e-7).
 """
+
+import csv
 
 import pytest
 import torch
@@ -55,6 +58,7 @@ def started(tmp_path_factory):
     import test_train  # noqa: F401
 
     out = tmp_path_factory.mktemp("fsdp")
+    fsdp_worker.distill_setup(out)
     procs = fsdp_worker.start(out)
     yield procs, out
     for p in procs:  # a test that failed before joining them
@@ -76,6 +80,12 @@ def oracle(started):
         tr.train_step()
     got = dict(at2=at2, at4=(whole(tr), tr.ema.shadow), dmd=fsdp_worker.dmd_run(), dmd0=fsdp_worker.dmd_run(0)[1],
                untrained=whole(fsdp_worker.trainer()))
+    out = started[1]  # ca2vdm distill in one process (parallel: ddp, plain models), 2 DMD iterations, then 3
+    got["distill"] = fsdp_worker.dmd_tensors(fsdp_worker.distill_run(out, "distill1", "ddp").dmd_run)
+    got["exports"] = {stage: load_file(str(out / "distill1" / stage / "checkpoint" / "model.safetensors"))
+                      for stage in ("ode_init", "dmd")}  # before the third iteration replaces dmd's
+    got["distill3"] = fsdp_worker.dmd_tensors(
+        fsdp_worker.distill_run(out, "distill1", "ddp", ("dmd",), "dmd.iterations=3").dmd_run)
     torch.set_num_threads(threads)
     return got
 
@@ -88,7 +98,7 @@ def ranks(started, oracle):
     done = fsdp_worker.join(procs, out, timeout=240)
     done["out"] = out
     for r, log in enumerate(done["logs"]):
-        assert f"rank {r} done: dmd" in log, f"rank {r}, exit code {done['exitcodes'][r]}:\n{log[-3000:]}"
+        assert f"rank {r} done: distill" in log, f"rank {r}, exit code {done['exitcodes'][r]}:\n{log[-3000:]}"
     return done
 
 
@@ -185,7 +195,8 @@ def test_a_nan_on_one_rank_stops_every_rank(ranks):
 def test_a_dmd_iteration_under_fsdp_equals_one_process(ranks, oracle):
     """Two DMD iterations (generator and critic updates, the teacher's guided score, the EMA) with
     generator, critic and frozen teacher sharded at 2 ranks equal one process's with plain models.
-    Every rank runs the whole batch (FSDP shards memory here; DMD's batch is not split).
+    Every rank runs the whole batch (a problem without ``rows``: FSDP shards memory, the batch is not
+    split; ``ca2vdm distill`` splits it, see the distill test below).
     Breakage tried: clipping each rank's shard by its own norm (``to_local`` gradients) fails here
     (at the critic's weights; tried again with one-block models and the single forked launch)."""
     got = load_file(str(ranks["out"] / "dmd.safetensors"))
@@ -197,3 +208,80 @@ def test_a_dmd_iteration_under_fsdp_equals_one_process(ranks, oracle):
         assert close(want, got, keys), part
     moved = [k for k in want if k.startswith("generator.")]
     assert not close(want, oracle["dmd0"], moved)
+
+
+def test_distill_stages_under_fsdp_equal_one_process(ranks, oracle):
+    """``ca2vdm distill`` with ``parallel: fsdp`` at 2 ranks, every stage: the ode-pairs shards (one
+    per rank) are one process's bit for bit; ode-init (2 steps) and dmd (2 iterations) split each
+    batch of 2 over the ranks, student / generator, critic and frozen teacher sharded, and give one
+    process's exported students and DMD state (networks, EMA, optimizer moments) to ``BOUND``. Rank
+    0 alone writes metrics.csv and logs.
+    Breakage tried: drawing the DMD noise for this rank's rows only (``_noised`` without ``rows``:
+    rank 1 gets sample 0's noise) fails here (at the exported DMD student)."""
+    out = ranks["out"]
+    two, one = out / "distill2", out / "distill1"
+    for name in ("pairs_00000.safetensors", "pairs_00001.safetensors"):
+        a, b = load_file(str(two / "pairs" / name)), load_file(str(one / "pairs" / name))
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+    for stage in ("ode_init", "dmd"):
+        a = load_file(str(two / stage / "checkpoint" / "model.safetensors"))
+        b = oracle["exports"][stage]
+        assert set(a) == set(b) and close(b, a), stage
+        assert parallel.is_current_sharded(two / stage / "checkpoint")
+        assert len(list(csv.DictReader(open(two / stage / "metrics.csv")))) == 2
+    got, want = load_file(str(out / "distill2.safetensors")), oracle["distill"]
+    assert set(got) == set(want)
+    for part in ("generator.", "critic.", "ema.", "opt_g.", "opt_c."):
+        keys = [k for k in want if k.startswith(part) and want[k].dim()]
+        assert close(want, got, keys), part
+    assert "2 ranks, parallel: fsdp" in ranks["logs"][0] and "dmd iteration" not in ranks["logs"][1]
+    assert not (two / "dmd" / "state.safetensors").exists()
+
+
+def test_a_distill_stage_saved_at_two_ranks_resumes_at_one_rank(ranks, oracle, tmp_path):
+    """The dmd stage's sharded checkpoint of 2 ranks, resumed by one process (``parallel: fsdp``, plain
+    models), runs a third iteration to one process's uninterrupted weights, EMA and optimizer state;
+    its export loads with ``load_checkpoint`` (what ``generate`` uses).
+    Breakage tried: resuming without the optimizer moments (``DMD.load`` leaving ``opt_*`` out of the
+    sharded read) fails here (at the generator)."""
+    import shutil
+
+    shutil.copytree(ranks["out"] / "distill2", ranks["out"] / "distill2r")
+    run = fsdp_worker.distill_run(ranks["out"], "distill2r", "fsdp", ("dmd",), "dmd.iterations=3").dmd_run
+    assert run.iteration == 3
+    got, want = fsdp_worker.dmd_tensors(run), oracle["distill3"]
+    for part in ("generator.", "critic.", "ema.", "opt_g.", "opt_c."):
+        keys = [k for k in want if k.startswith(part) and want[k].dim()]
+        assert close(want, got, keys), part
+    exported = load_checkpoint(ranks["out"] / "distill2r" / "dmd" / "checkpoint").state_dict()
+    assert close({k: want[f"ema.{k}"] for k in exported}, exported)
+
+
+def test_distill_under_ddp_equals_one_process(ranks, oracle):
+    """``ca2vdm distill`` with ``parallel: ddp`` at 2 ranks (networks whole on each rank, the batch
+    split, gradients all-reduced after each backward) gives one process's DMD state.
+    Breakage tried: no gradient all-reduce (``average_gradients`` a no-op) fails here."""
+    got, want = load_file(str(ranks["out"] / "distill2ddp.safetensors")), oracle["distill"]
+    for part in ("generator.", "critic.", "ema.", "opt_g.", "opt_c."):
+        keys = [k for k in want if k.startswith(part) and want[k].dim()]
+        assert close(want, got, keys), part
+
+
+def test_distill_parallel_settings_that_contradict_themselves_are_refused():
+    """``parallel`` / ``mixed_precision`` / ``grad_checkpointing`` are top-level distill keys (one
+    setting for every stage): in a section, an unknown scheme, bf16 without fsdp, a batch that does
+    not split over the ranks are one-line errors."""
+    from ca2vdm.distill import DistillConfig
+
+    base = {"teacher": "t"}
+    assert DistillConfig.from_dict(base | {"parallel": "fsdp", "mixed_precision": "bf16"}).parallel == "fsdp"
+    for bad, message in (({"ode_init": {"parallel": "fsdp"}}, "set it at the top level"),
+                         ({"dmd": {"grad_checkpointing": True}}, "set it at the top level"),
+                         ({"parallel": "zero3"}, "must be one of ddp, fsdp"),
+                         ({"mixed_precision": "bf16"}, "needs parallel='fsdp'")):
+        with pytest.raises(ValueError, match=message):
+            DistillConfig.from_dict(base | bad)
+    with pytest.raises(ValueError, match="does not split evenly over 2 ranks"):
+        parallel.Rows(3, rank=0, size=2)
+    rows = [parallel.Rows(4, rank=r, size=2) for r in range(2)]
+    assert [r.take(list(range(4))) for r in rows] == [[0, 1], [2, 3]]

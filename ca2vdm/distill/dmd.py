@@ -39,8 +39,9 @@ from safetensors.torch import load_file
 
 from ..diffusion import mix_seed
 from ..safefile import save_safetensors
+from ..training import parallel
+from ..training.optim import EMA, init_optimizer_state, load_optimizer, optimizer_tensors
 from ..training.parallel import clip_grad_norm
-from ..training.optim import EMA, load_optimizer, optimizer_tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,6 +166,10 @@ class DMDProblem:
     configure(config)                       optional: reads the ``DMDConfig`` settings the problem
                                             implements (real_guidance, score_precision); called when the
                                             run is built and when ``DMD.load`` adopts a saved config
+    rows                                    optional (``parallel.Rows``): generate returns only this rank's
+                                            rows of the batch; DMD's own draws (levels, noise) are then made
+                                            for the whole batch and cut to them, and the losses logged and
+                                            checked are the means over the ranks
     """
 
     generate: Callable
@@ -174,6 +179,7 @@ class DMDProblem:
     chunk_frames: int | None = None
     real_parts: Callable | None = None
     configure: Callable | None = None
+    rows: object | None = None
 
 
 def _optimizer(module: nn.Module, lr: float, betas: tuple, weight_decay: float) -> torch.optim.Optimizer:
@@ -182,11 +188,15 @@ def _optimizer(module: nn.Module, lr: float, betas: tuple, weight_decay: float) 
     return torch.optim.Adam(module.parameters(), lr=lr, betas=betas)
 
 
-def _noised(x, sigma, g):
-    """x_t = (1 - sigma) x + sigma eps, sigma (B,) per sample."""
+def _noised(x, sigma, g, rows=None):
+    """x_t = (1 - sigma) x + sigma eps, sigma (B,) per sample (eps drawn for the whole batch of
+    ``rows`` and cut to this rank's)."""
     s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    eps = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.dtype)
-    return (1 - s) * x + s * eps
+    if rows is None:
+        eps = torch.randn(x.shape, generator=g, dtype=torch.float32)
+    else:
+        eps = rows.take(torch.randn(rows.whole(x.shape), generator=g, dtype=torch.float32))
+    return (1 - s) * x + s * eps.to(x.dtype)
 
 
 class DMD:
@@ -221,19 +231,26 @@ class DMD:
         cfg, prob = self.config, self.problem
         g = self._rng(0)
         x, cond = prob.generate(g, True)
+        rows = prob.rows
         with torch.no_grad():
-            sigma = dmd_levels(x.shape[0], g, cfg.level_shift, cfg.level_min, cfg.level_max)
+            sigma = dmd_levels(x.shape[0] if rows is None else rows.total, g, cfg.level_shift, cfg.level_min,
+                               cfg.level_max)
+            sigma = sigma if rows is None else rows.take(sigma)
             clean = x.detach()
-            x_t = _noised(clean, sigma, g)
+            x_t = _noised(clean, sigma, g, rows)
             real, fake = prob.real_x0(x_t, sigma, clean, cond), prob.fake_x0(x_t, sigma, clean, cond)
             grad = dmd_gradient(clean, real, fake, prob.chunk_frames if cfg.chunk_normaliser else None)
         loss = dmd_loss(x, grad)
+        mean = parallel.mean_over_ranks(loss)  # the global batch's (equal shares); NaN on one rank: on all
+        if not torch.isfinite(mean):
+            raise FloatingPointError(f"generator loss is {mean.item()} at iteration {self.iteration}")
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
+        parallel.average_gradients(self.generator)  # ddp ranks (FSDP has reduced them in backward)
         norm = clip_grad_norm(self.generator.parameters(), cfg.grad_clip)  # over every rank's shards (FSDP)
         self.opt_g.step()
         self.ema.update(self.generator, (self.iteration - cfg.critic_warmup) // cfg.ratio)
-        return {"generator_loss": loss.item(), "generator_grad_norm": norm, "sample": (clean, cond)}
+        return {"generator_loss": mean.item(), "generator_grad_norm": norm, "sample": (clean, cond)}
 
     def critic_step(self, sample: tuple | None = None) -> dict:
         """One update of the critic by its diffusion loss on (detached) generator samples
@@ -249,13 +266,15 @@ class DMD:
             loss = self.problem.critic_loss(x.detach(), cond, g, levels=law)
         else:
             loss = self.problem.critic_loss(x.detach(), cond, g)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"critic loss is {loss.item()} at iteration {self.iteration}")
+        mean = parallel.mean_over_ranks(loss)
+        if not torch.isfinite(mean):
+            raise FloatingPointError(f"critic loss is {mean.item()} at iteration {self.iteration}")
         self.opt_c.zero_grad(set_to_none=True)
         loss.backward()
+        parallel.average_gradients(self.critic)
         norm = clip_grad_norm(self.critic.parameters(), self.config.grad_clip)
         self.opt_c.step()
-        return {"critic_loss": loss.item(), "critic_grad_norm": norm}
+        return {"critic_loss": mean.item(), "critic_grad_norm": norm}
 
     def lr_factor(self) -> float:
         """The learning-rate multiplier at this iteration (1 without decay): a function of the
@@ -284,33 +303,58 @@ class DMD:
         return row
 
     # -- resuming ------------------------------------------------------------------------------
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every tensor a resume needs: both networks, the EMA, both optimizers' states."""
+    def live_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor a resume needs, the live ones (loading into them restores the run): both
+        networks, the EMA, both optimizers' states (an optimizer that has not stepped yet, the
+        generator's in a critic-only warm-up, has none). Under FSDP they are this rank's DTensor shards."""
         out = {f"generator.{k}": v for k, v in self.generator.state_dict().items()}
         out |= {f"critic.{k}": v for k, v in self.critic.state_dict().items()}
         out |= {f"ema.{k}": v for k, v in self.ema.shadow.items()}
         out |= optimizer_tensors(self.opt_g, self.generator, "opt_g")
-        out |= optimizer_tensors(self.opt_c, self.critic, "opt_c")
-        return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+        return out | optimizer_tensors(self.opt_c, self.critic, "opt_c")
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """``live_tensors`` as whole CPU tensors (one process)."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.live_tensors().items()}
+
+    def state_meta(self) -> dict[str, str]:
+        return {"iteration": str(self.iteration), "config": json.dumps(asdict(self.config)),
+                "cpu_minutes": repr(self.cpu_minutes)}
 
     def save(self, path) -> None:
         """Write the run to one safetensors file (config and iteration in its metadata), atomically."""
-        meta = {"iteration": str(self.iteration), "config": json.dumps(asdict(self.config)),
-                "cpu_minutes": repr(self.cpu_minutes)}
-        save_safetensors(self.state_tensors(), path, meta)
+        save_safetensors(self.state_tensors(), path, self.state_meta())
+
+    def save_sharded(self, path, meta: dict, export: dict | None = None) -> None:
+        """Every rank's shards of the run to the sharded checkpoint ``path`` (``parallel.save_sharded``:
+        atomic, pickle-free, readable at any number of ranks), ``state_meta`` under ``meta["dmd"]``,
+        ``export`` (whole tensors: the student ``generate`` loads) beside them. Every rank calls this."""
+        stepped = [name for name in ("opt_g", "opt_c") if getattr(self, name).state]
+        parallel.save_sharded(path, self.live_tensors(), dict(meta, dmd=dict(self.state_meta(), stepped=stepped)),
+                              export)
 
     def load(self, path) -> list[str]:
-        """Resume from ``save``'s file: weights, EMA, optimizer moments, the iteration and the run's
-        own settings (the ``DMDConfig`` saved with it, which wins over this object's: a resumed run
-        continues the run that was saved). Returns the names of the settings that differed."""
+        """Resume from ``save``'s file or ``save_sharded``'s directory (saved at any number of ranks):
+        weights, EMA, optimizer moments, the iteration and the run's own settings (the ``DMDConfig``
+        saved with it, which wins over this object's: a resumed run continues the run that was saved).
+        Returns the names of the settings that differed."""
         from safetensors import safe_open
 
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except Exception as e:  # a truncated or foreign file
-            raise ValueError(f"cannot read the DMD state {path}: {e}") from e
+        tensors = None
+        if parallel.is_sharded_checkpoint(path):
+            from ..checkpoint import read_config
+
+            meta = read_config(path).get("dmd", {})
+        elif parallel.is_sharded(self.generator):
+            raise ValueError(f"{path} is a one-file DMD state: the sharded run (parallel: fsdp) resumes from a "
+                             "sharded checkpoint; resume this one with parallel: ddp")
+        else:
+            try:
+                with safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                tensors = load_file(str(path))
+            except Exception as e:  # a truncated or foreign file
+                raise ValueError(f"cannot read the DMD state {path}: {e}") from e
         if "iteration" not in meta:
             raise ValueError(f"{path} is not a DMD state (no iteration in its metadata)")
         try:  # a file from before a setting existed lacks its key: the default (the behaviour then)
@@ -319,6 +363,13 @@ class DMD:
             raise ValueError(f"{path}: the DMD settings saved with it cannot be read ({e})") from e
         changed = [f.name for f in fields(DMDConfig) if getattr(saved, f.name) != getattr(self.config, f.name)]
         self._adopt(saved)  # the optimizers of the saved settings (Adam or AdamW, betas) before their state
+        if tensors is None:  # the shards, read into the live tensors (any number of ranks)
+            for name in meta.get("stepped", []):  # moments to read into (their values are the saved ones)
+                init_optimizer_state(getattr(self, name))
+            parallel.load_sharded(path, self.live_tensors())
+            self.iteration = int(meta["iteration"])
+            self.cpu_minutes = float(meta.get("cpu_minutes", 0.0))
+            return changed
         pick = lambda p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")}  # noqa: E731
         self.generator.load_state_dict(pick("generator"))
         self.critic.load_state_dict(pick("critic"))

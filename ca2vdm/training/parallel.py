@@ -141,6 +141,68 @@ def all_finite(value: torch.Tensor, device="cpu") -> bool:
     return bool(ok.item())
 
 
+# -- loops that call a network's entry points themselves (distillation) ----------------------------
+def prepare(model: nn.Module, parallel: str, mixed_precision: bool = False) -> nn.Module:
+    """``model`` for a loop that calls its entry points itself (``condition``, ``forward_all_chunks``,
+    a ``StreamSession``), not one ``forward``: sharded in place under ``fsdp`` (a frozen network too:
+    it then has no optimizer state to shard), itself under ``ddp``, where every rank holds it whole
+    and ``average_gradients`` does DDP's all-reduce after each backward. Itself in one process."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel={parallel!r}: must be one of {', '.join(PARALLEL)}")
+    if parallel == "fsdp" and world()[1] > 1:
+        return shard(model, mixed_precision)
+    return model
+
+
+@torch.no_grad()
+def average_gradients(module: nn.Module) -> None:
+    """The mean over the ranks of ``module``'s gradients (DDP's all-reduce, for ``prepare``'s ddp
+    networks); nothing in one process or for a sharded module (FSDP reduce-scatters in backward)."""
+    n = world()[1]
+    if n == 1 or is_sharded(module):
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(n)
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over the ranks (float64, on the CPU; itself in one process): a NaN on one
+    rank is a NaN on all, so a check of it raises on every rank and none waits in a collective."""
+    v = value.detach().double().cpu().reshape(())
+    n = world()[1]
+    if n > 1:
+        v = v.clone()
+        dist.all_reduce(v)
+        v = v / n
+    return v
+
+
+class Rows:
+    """This rank's rows ``[lo, hi)`` of a global batch of ``total`` samples, split evenly over the
+    ranks (rank r takes the r-th of ``world`` equal parts). A random draw made for the whole batch
+    from a shared generator and cut by ``take`` gives every rank its samples' numbers of a
+    one-process run, so N ranks together compute one process's iteration (the mean loss of equal
+    shares, averaged over the ranks, is the global batch's)."""
+
+    def __init__(self, total: int, rank: int | None = None, size: int | None = None):
+        r, n = world()
+        rank, size = r if rank is None else rank, n if size is None else size
+        if total % size:
+            raise ValueError(f"a batch of {total} does not split evenly over {size} ranks: make it a multiple of {size}")
+        self.total, self.local = total, total // size
+        self.lo, self.hi = rank * self.local, (rank + 1) * self.local
+
+    def whole(self, shape) -> tuple:
+        """``shape`` (this rank's, batch first) with the global batch."""
+        return (self.total, *tuple(shape)[1:])
+
+    def take(self, t):
+        """This rank's rows of a whole-batch tensor or list."""
+        return t[self.lo:self.hi]
+
+
 # -- whole tensors to and from shards -----------------------------------------------------------
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on the CPU (a DTensor is all-gathered: every rank must call this)."""
@@ -213,6 +275,29 @@ def save_sharded(path, tensors: dict[str, torch.Tensor], meta: dict, export: dic
 
 def is_sharded_checkpoint(path) -> bool:
     return (Path(path) / SHARDS).is_dir()
+
+
+def is_current_sharded(path) -> bool:
+    """Whether ``path`` holds a sharded checkpoint written last: its ``config.json`` is
+    ``save_sharded``'s (a one-file save over it keeps a stale ``sharded`` folder, not this mark)."""
+    from ..checkpoint import read_config
+
+    return is_sharded_checkpoint(path) and (Path(path) / "config.json").is_file() and \
+        read_config(path).get("format") == "sharded"
+
+
+def join_cpu_group() -> bool:
+    """Join the gloo process group ``torchrun`` describes (WORLD_SIZE > 1) unless one is up;
+    whether this call made it (then its caller destroys it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+        return True
+    return False
+
+
+def barrier() -> None:
+    """Every rank here (nothing in one process)."""
+    _barrier()
 
 
 def load_sharded(path, tensors: dict[str, torch.Tensor]) -> dict:
