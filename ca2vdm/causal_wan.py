@@ -103,10 +103,11 @@ class CausalWanConfig:
 
 class CausalWan(nn.Module):
     """A Wan transformer the engine runs chunk by chunk (``backbone.Backbone``), also several streams
-    at different frames as one batched forward (a ``CacheBatch``). Not available: step caching (its
-    policies read the factorized block's temporal-attention residual)."""
+    at different frames as one batched forward (a ``CacheBatch``), and trains with each block's
+    activations recomputed in backward (``grad_checkpointing``, the full-sequence forwards). Not
+    available: step caching (its policies read the factorized block's temporal-attention residual)."""
 
-    features = frozenset({"batched-streams"})
+    features = frozenset({"batched-streams", "grad-checkpointing"})
 
     def __init__(self, config: CausalWanConfig, transformer: WanTransformer | None = None):
         super().__init__()
@@ -116,6 +117,15 @@ class CausalWan(nn.Module):
             raise ValueError("the transformer's config differs from the one given")
         self.diffusion = FlowMatching(config.num_train_timesteps, config.flow_shift)
         self.layout = config.layout
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Recompute each block's activations in backward (training's full-sequence forwards only)."""
+        return self.transformer.grad_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool) -> None:
+        self.transformer.grad_checkpointing = bool(on)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -128,7 +128,60 @@ def _report(result):
         print(f"wrote {p}")
 
 
+def _pipeline(args):
+    """The --pipeline options -> a loaded ``pipeline.Pipeline`` (its summary printed)."""
+    import torch
+
+    from .pipeline import load_pipeline
+
+    device, dtype = _device_and_dtype(args)
+    pipe = load_pipeline(args.pipeline, args.weights, text=args.prompt_states, text_dtype=getattr(torch, args.text_dtype),
+                         size=args.size, chunk_frames=args.chunk_frames, max_context_frames=args.window,
+                         sink_frames=args.sink_frames, rope_positions=args.rope_positions, steps=args.steps, levels=args.levels, guidance=args.guidance, flow_shift=args.flow_shift,
+                         dtype=dtype, device=device, verbose=True)
+    if args.fps is not None:
+        pipe.fps = args.fps
+    return pipe
+
+
+def _pipeline_report(result, pipe):
+    s = result["stats"]
+    print(f"time to first frame: {result['first_frame_seconds']:.2f} s; {result['frames']} frames "
+          f"({result['frames'] / pipe.fps:.1f} s of video at {pipe.fps:g} fps) in {result['seconds']:.2f} s, "
+          f"{result['frames'] / result['seconds']:.1f} frames/s; {s.chunks} chunks")
+    if "decode_seconds" in result:
+        print(f"VAE decoding: {result['decode_seconds']:.2f} s "
+              f"({result['decode_seconds'] / result['seconds']:.0%} of the time)")
+    print(f"wrote {result['path']}")
+
+
+NOT_WITH_PIPELINE = ("prompts_file", "label", "first_frame", "step_cache", "save_latents")
+
+
+def _generate_pipeline(args):
+    from .wan_stream import generate_files
+
+    used = [f"--{a.replace('_', '-')}" for a in NOT_WITH_PIPELINE if getattr(args, a, None)]
+    if args.cache != "shared":
+        used.append("--cache")
+    if used:
+        raise ValueError(f"{', '.join(used)} cannot be used with --pipeline (a Wan pipeline streams one prompt)")
+    if args.prompt is None and args.resume is None:
+        raise ValueError("a Wan pipeline is text-conditioned: give --prompt (or --resume a saved stream)")
+    pipe = _pipeline(args)
+    result = generate_files(pipe, args.prompt, args.frames, args.out, args.negative_prompt, args.seed,
+                            continue_from=args.continue_from, save_stream=args.save_stream, resume=args.resume,
+                            scale=args.scale or 1)
+    _pipeline_report(result, pipe)
+    if args.save_stream:
+        print(f"wrote the stream to {args.save_stream} (continue it with --resume)")
+
+
 def _generate(args):
+    if args.pipeline:
+        return _generate_pipeline(args)
+    if args.weights or args.resume or args.save_stream or args.prompt_states:
+        raise ValueError("--weights, --resume, --save-stream and --prompt-states go with --pipeline")
     prompts = None
     if args.prompt is not None:
         prompts = [args.prompt]
@@ -143,17 +196,27 @@ def _generate(args):
     device, _ = _device_and_dtype(args)
     result = generate_to_files(args.checkpoint, args.frames, prompts, args.label, args.negative_prompt,
                                args.first_frame, args.guidance, args.steps, args.seed, args.cache, args.out,
-                               args.save_latents, device, args.dtype, fps=args.fps, scale=args.scale,
-                               step_cache=args.step_cache, levels=args.levels, continue_from=args.continue_from)
+                               args.save_latents, device, args.dtype,
+                               step_cache=args.step_cache, levels=args.levels, continue_from=args.continue_from,
+                               fps=args.fps or 8, scale=args.scale or 4)
     _report(result)
 
 
 def _v2v(args):
+    if args.pipeline:
+        from .wan_stream import video_to_video_files as pipeline_v2v
+
+        pipe = _pipeline(args)
+        result = pipeline_v2v(pipe, args.input, args.prompt, args.strength, args.out, args.seed,
+                              max_frames=args.max_frames, scale=args.scale or 1)
+        print(f"strength {args.strength}: the source enters at step {result['start_step'] + 1}")
+        _pipeline_report(result, pipe)
+        return
     from .generate import video_to_video_files
 
     device, _ = _device_and_dtype(args)
     result = video_to_video_files(args.checkpoint, args.input, args.prompt, args.strength, args.out, args.steps,
-                                  args.levels, args.guidance, args.seed, args.fps, args.scale, device, args.dtype,
+                                  args.levels, args.guidance, args.seed, args.fps or 8, args.scale or 4, device, args.dtype,
                                   args.max_frames)
     sampling = result["sampling"]
     n = len(sampling["levels"]) if sampling["levels"] else sampling["steps"]
@@ -363,7 +426,7 @@ def _distill(args):
 
 
 def _model_spec(text):
-    """--model NAME=DIR -> (NAME, DIR)."""
+    """--model NAME=DIR[:WEIGHTS] -> (NAME, "DIR[:WEIGHTS]") (serve.app.load_models reads the path)."""
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--model takes NAME=DIR, got {text!r}")
@@ -379,6 +442,32 @@ def _serve(args):
           public_without_token=args.public_without_token, idle_timeout=args.idle_timeout,
           max_connections_per_client=args.max_connections_per_client,
           max_streams_per_client=args.max_streams_per_client)
+
+
+def _add_pipeline_options(p) -> None:
+    """The options of a Wan pipeline folder (generate, v2v)."""
+    w = p.add_argument_group("Wan pipeline", "a diffusers Wan 2.1 folder (transformer/, vae/, text_encoder/, "
+                             "tokenizer/, scheduler/) instead of --checkpoint; frames are decoded by the stream's "
+                             "own causal VAE caches as each chunk is made")
+    w.add_argument("--pipeline", metavar="DIR", help="Wan pipeline folder (e.g. Wan2.1-T2V-1.3B-Diffusers)")
+    w.add_argument("--weights", metavar="FILE", help="causal checkpoint in Wan's own layout replacing the folder's "
+                   "transformer (e.g. self_forcing_dmd.pt, read with torch.load(weights_only=True), or .safetensors); "
+                   "sampling then defaults to Self-Forcing's levels 1,0.9375,0.8333,0.625 without guidance")
+    w.add_argument("--size", type=_size, metavar="HxW", help="pixel frame size (default: the folder's own, else "
+                   "480x832)")
+    w.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (default 3, Self-Forcing's)")
+    w.add_argument("--window", type=int, default=21,
+                   help="latent frames a chunk attends to, itself included (default 21, Self-Forcing's)")
+    w.add_argument("--sink-frames", type=int, default=0,
+                   help="first latent frames every chunk attends to, counted in the window (LongLive: 3)")
+    w.add_argument("--rope-positions", choices=["absolute", "rebased"], default="absolute",
+                   help="absolute (Wan's; stops at latent frame 1024) or rebased (LongLive's: the sink, then the "
+                        "window; goes on)")
+    w.add_argument("--flow-shift", type=float, help="timestep shift (default: scheduler/scheduler_config.json's)")
+    w.add_argument("--text-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="dtype of the umT5 text encoder (default bfloat16, as Wan ships it)")
+    w.add_argument("--prompt-states", metavar="FILE", help="precomputed prompt states (.safetensors, "
+                   "text.save_prompt_states) instead of the folder's umT5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,10 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", help="run directory (default: the config's out_dir)")
     d.set_defaults(func=_distill)
 
-    g = sub.add_parser("generate", help="generate a video from a checkpoint, streamed to a file",
+    g = sub.add_parser("generate", help="generate a video from a checkpoint or a Wan pipeline, streamed to a file",
                        description="Generate a video chunk by chunk; each chunk is appended to the output as soon as "
                                    "it is denoised. Any --frames of at least one chunk works (the last chunk is "
-                                   "generated whole and trimmed).")
+                                   "generated whole and trimmed). With --pipeline, --frames counts pixel frames "
+                                   "(rounded up to 1 + 4 k, as Wan's VAE makes them: the first latent frame "
+                                   "decodes to 1 frame, each later one to 4).")
     g.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="checkpoint directory (default: the shipped model)")
     g.add_argument("--frames", type=int, required=True, help="video length in frames, given frames included")
     src = g.add_mutually_exclusive_group()
@@ -440,8 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-cache", metavar="POLICY",
                    help="training-free step caching: adacache, adacache-moreg, fixed:N (reuse N steps) or "
                         "first-block:THRESHOLD (shared mode only)")
-    g.add_argument("--fps", type=float, default=8)
-    g.add_argument("--scale", type=int, default=4, help="integer upscaling of the written frames (default 4)")
+    g.add_argument("--fps", type=float, help="frame rate of the output (default 8; a Wan pipeline: 16)")
+    g.add_argument("--scale", type=int, help="integer upscaling of the written frames (default 4; a Wan pipeline: 1)")
+    _add_pipeline_options(g)
+    g.add_argument("--save-stream", metavar="FILE", help="--pipeline: write the stream (its KV cache and VAE "
+                   "caches) here at the end; --frames must then end on a whole chunk")
+    g.add_argument("--resume", metavar="FILE", help="--pipeline: continue a stream written by --save-stream for "
+                   "--frames more frames (its prompt, seed and sampling)")
     g.set_defaults(func=_generate)
 
     v = sub.add_parser("v2v", help="streaming video-to-video: re-draw a video under a prompt, chunk by chunk",
@@ -459,8 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--levels", type=_levels, help=LEVELS_HELP)
     v.add_argument("--guidance", type=float, help=GUIDANCE_HELP)
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--fps", type=float, default=8, help="frame rate the input is resampled to and the output has (default 8)")
-    v.add_argument("--scale", type=int, default=4, help="integer upscaling of the written frames (default 4)")
+    v.add_argument("--fps", type=float, help="frame rate the input is resampled to and the output has "
+                   "(default 8; a Wan pipeline: 16)")
+    v.add_argument("--scale", type=int, help="integer upscaling of the written frames (default 4; a Wan pipeline: 1)")
+    _add_pipeline_options(v)
     v.add_argument("--max-frames", type=int, help="stop after this many input frames")
     v.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     v.add_argument("--dtype", choices=["float32", "bfloat16", "float64"], default="float32")
@@ -654,8 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--max-sessions", type=int, default=4, help="streams generated at once; more get a busy error")
     v.add_argument("--fps", type=float, default=None, help="playback and pacing rate (default: 8, the digits clips')")
-    v.add_argument("--model", action="append", type=_model_spec, metavar="NAME=DIR",
-                   help="a checkpoint to serve (repeatable; default: the shipped digits and digits-fast)")
+    v.add_argument("--model", action="append", type=_model_spec, metavar="NAME=DIR[:WEIGHTS]",
+                   help="a checkpoint directory to serve, or a Wan pipeline folder with an optional causal "
+                        "checkpoint after a colon (frames and frame rate from the pipeline) (repeatable; default: "
+                        "the shipped digits and digits-fast)")
     v.add_argument("--threads", type=int, default=None, help="torch threads of the generation worker")
     v.add_argument("--token", default=None,
                    help="a secret viewers must give (open http://HOST:PORT/?token=SECRET); needed for a --host "

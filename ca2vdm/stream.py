@@ -572,12 +572,14 @@ class StreamSession:
                 tuple(self.sampler.timesteps), self.guided, c.prefix_len)
 
     # -- saving ------------------------------------------------------------------------------------
-    def save(self, path) -> Path:
+    def save(self, path, extra_tensors: dict | None = None, extra_meta: dict | None = None) -> Path:
         """Write the whole stream to one safetensors file, atomically: the cache (or the history of a
         recompute mode), the kept frames, the prepared conditioning and the prompts, the counters and
         the noise positions (seeds and chunk index). ``StreamSession.load`` continues it bit for bit
-        (same dtype, device kind and thread count)."""
-        t = {}
+        (same dtype, device kind and thread count). extra_tensors / extra_meta: what a caller keeps
+        beside the stream in the same file (``extra.<name>`` tensors, JSON under ``extra``; a Wan
+        stream's VAE caches), read back with ``read_stream``."""
+        t = {f"extra.{k}": v for k, v in (extra_tensors or {}).items()}
         if self.mode == "shared":
             t.update({f"cache.{n}": b for n, b in self.engine.cache.buffers().items()})
         elif self.engine.history is not None:
@@ -604,7 +606,7 @@ class StreamSession:
                     frames_written=self.engine.cache.frames_written if self.mode == "shared" else None,
                     history_start=None if self.mode == "shared" else self.engine.start,
                     stats={f: getattr(s, f) for f in ("chunks", "frames", "denoise_calls", "write_calls",
-                                                     "steps_computed", "steps_total")})
+                                                     "steps_computed", "steps_total")}, extra=extra_meta)
         return save_safetensors(t, path, metadata={"stream": json.dumps(meta)})
 
     @classmethod
@@ -667,6 +669,11 @@ def _step_cache_config(d: dict | None) -> StepCacheConfig | None:
     if d["codebook"] is not None:
         d["codebook"] = {float(k): v for k, v in d["codebook"].items()}
     return StepCacheConfig(**d)
+
+
+def read_stream(path) -> tuple[dict, dict]:
+    """The tensors and metadata of a stream file (``save``'s extras: ``extra.*`` tensors, ``meta["extra"]``)."""
+    return _read_stream(path)
 
 
 def _read_stream(path) -> tuple[dict, dict]:

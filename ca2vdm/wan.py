@@ -419,6 +419,7 @@ class WanTransformer(nn.Module):
         self.text_embed = TextMLP(cfg.text_dim, D)
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
+        self.grad_checkpointing = False  # recompute each block's activations in backward (training only)
         self._freqs = {}  # device -> float64 RoPE frequencies of the frame, height and width parts (not
                           # buffers: model.to(dtype) would cast them; made on first use, also after meta init)
 
@@ -620,5 +621,8 @@ class WanTransformer(nn.Module):
             groups = self.sink_shifts(groups, idx, kidx)
         for i, block in enumerate(self.blocks):
             hook = None if keys is None else (lambda k, v, i=i: keys(i, k, v))
-            h = block(h, mod, cond.kv[i], rope, groups, hook)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled() and keys is None:
+                h = torch.utils.checkpoint.checkpoint(block, h, mod, cond.kv[i], rope, groups, use_reentrant=False)
+            else:
+                h = block(h, mod, cond.kv[i], rope, groups, hook)
         return self.head_output(h, e, H, W)

@@ -10,6 +10,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two worker processes s
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # longer), and so do the commands its tests start
 
 from ca2vdm import CausalVideoDiT, ModelConfig, Text
+from ca2vdm.causal_wan import CausalWan, CausalWanConfig
+from ca2vdm.wan import WanConfig
+
+WAN_TEXT_DIM = 8
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -17,6 +21,21 @@ def tiny_config(**overrides) -> ModelConfig:
                 chunk_frames=2, prefix_frames=1, max_context_frames=5)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def tiny_wan(seed=0, window=6, chunk=2, causal: dict | None = None, **wan) -> CausalWan:
+    """2 blocks, 2 heads of 16, 4 latent channels, 4x4 latent frames (4 tokens), 16 text positions of
+    width 8; chunks of ``chunk`` in a window of ``window`` (the chunk included). Every parameter
+    perturbed, float64. ``wan``: other ``WanConfig`` fields; ``causal``: ``CausalWanConfig`` ones."""
+    cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                    text_dim=WAN_TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, text_len=16, chunk_frames=chunk,
+                    max_context_frames=window, **wan)
+    torch.manual_seed(seed)
+    model = CausalWan(CausalWanConfig(cfg, **{"frame_size": (4, 4), **(causal or {})}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.double().eval()
 
 
 def tiny_model(dtype=torch.float64, seed=0, **overrides) -> CausalVideoDiT:

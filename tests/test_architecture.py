@@ -18,10 +18,10 @@ FLOORS = {
     "layers": 0, "text": 0, "video": 0, "autoencoder": 0, "wan_vae": 0, "data": 0, "metrics": 0, "safefile": 0,
     # 1 — the models and their files on disk
     "backbone": 0,
-    "model": 1, "checkpoint": 1, "wan": 1, "wan_weights": 1, "causal_wan": 1,
+    "model": 1, "checkpoint": 1, "wan": 1, "wan_weights": 1, "causal_wan": 1, "pipeline": 1,
     # 2 — what runs the model: streams and generation, step caching, training (and the coming
     #     few-step distillation and serving)
-    "stepcache": 2, "stream": 2, "generate": 2, "training": 2, "distill": 2, "serve": 2,
+    "stepcache": 2, "stream": 2, "wan_stream": 2, "generate": 2, "training": 2, "distill": 2, "serve": 2,
     # 3 — measuring: evaluations and benchmarks
     "eval": 3, "bench": 3,
     # 4 — the command line
@@ -154,7 +154,8 @@ def test_the_reader_sees_relative_and_lazy_imports(tmp_path, source, expected):
 BACKBONES = {"ca2vdm.model", "ca2vdm.wan", "ca2vdm.causal_wan", "ca2vdm.layers"}
 BACKBONE_CLASSES = {"CausalVideoDiT", "WanTransformer", "CausalWan"}
 ENGINE = ("ca2vdm.stream", "ca2vdm.stepcache", "ca2vdm.cache", "ca2vdm.generate", "ca2vdm.backbone",
-          "ca2vdm.training.losses", "ca2vdm.training.trainer", "ca2vdm.training.optim", "ca2vdm.distill.dmd",
+          "ca2vdm.training.losses", "ca2vdm.training.trainer", "ca2vdm.training.optim",
+          "ca2vdm.training.parallel", "ca2vdm.training.memory", "ca2vdm.distill.dmd",
           "ca2vdm.distill.ode", "ca2vdm.distill.video", "ca2vdm.distill.run")
 
 

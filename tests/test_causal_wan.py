@@ -17,6 +17,7 @@ from ca2vdm.generate import generate_video
 from ca2vdm.stream import next_chunks
 from ca2vdm.wan import WanConfig
 
+from conftest import tiny_wan
 from oracle import Oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,16 +27,9 @@ TOL = 1e-9
 
 
 def wan(seed=0, window=6, chunk=2, **overrides) -> CausalWan:
-    """2 blocks, 2 heads of 16, 4 latent channels, 4x4 latent frames (4 tokens), 16 text positions;
-    chunks of 2 in a window of 6 (the ring keeps 4 frames). Every parameter perturbed, float64."""
-    cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=TEXT_DIM,
-                    freq_dim=16, ffn_dim=32, num_layers=2, text_len=16, chunk_frames=chunk, max_context_frames=window)
-    torch.manual_seed(seed)
-    model = CausalWan(CausalWanConfig(cfg, frame_size=(4, 4), **overrides))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.double().eval()
+    """``conftest.tiny_wan``: chunks of 2 in a window of 6 (the ring keeps 4 frames); overrides of
+    ``CausalWanConfig``."""
+    return tiny_wan(seed, window, chunk, causal=overrides)
 
 
 def text(batch, tokens=5, seed=1):
@@ -338,3 +332,24 @@ def test_a_wan_model_trains_saves_and_resumes_through_the_trainer(tmp_path, layo
                     text_encoder=FakeTextEncoder(TEXT_DIM), out_dir=tmp_path)
     again.resume(saved)
     assert again.step == 2
+
+
+def test_grad_checkpointing_recomputes_each_block_and_gives_the_same_gradients():
+    """Activation checkpointing on Wan (``train.grad_checkpointing``, FSDP's per-block setting): the
+    all-chunks training forward with it gives the same gradients (float64) and runs each block's
+    forward again in backward (2 calls instead of 1). Break tried: the flag never reaching the
+    transformer (1 call)."""
+    from ca2vdm.training.losses import all_chunks_loss
+
+    grads, calls = [], []
+    for on in (False, True):
+        model = wan().train()
+        model.grad_checkpointing = on
+        n = [0]
+        model.transformer.blocks[0].register_forward_pre_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        clean = torch.randn(2, 4, 6, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        all_chunks_loss(model, clean, model.condition(2, text(2)), torch.Generator().manual_seed(1)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        calls.append(n[0])
+    assert calls == [1, 2] and "grad-checkpointing" in wan().features
+    assert close(grads[1], grads[0])

@@ -165,6 +165,10 @@ dmd: {{iterations: 3, batch_size: 2, ratio: 2, log_every: 1, save_every: 2, samp
         meta = read_config(run / stage / "checkpoint")
         assert meta["sampling"] == {"levels": LEVELS, "steps": 3, "guidance": 1.0} and meta["data"] == data
     assert load_file(run / "dmd" / "state.safetensors")  # the DMD state is there to resume
+    # the score diagnostic (default every 50 iterations and at iteration 1): a row with it, and its plot
+    rows = list(csv.DictReader(open(run / "dmd" / "metrics.csv")))
+    assert float(rows[0]["diag_ratio_s0.14"]) > 0 and -1 <= float(rows[0]["diag_cos_s0.86"]) <= 1
+    assert rows[1]["diag_ratio_s0.14"] == "" and (run / "dmd" / "diagnostic.png").stat().st_size > 0
     r = ca2vdm("distill", cfg, "--set", "dmd.iterations=4")
     assert r.returncode == 0, r.stderr
     assert "ode-init: done" in r.stdout and "resumed from" in r.stdout and "dmd iteration 4/4" in r.stdout
@@ -393,3 +397,59 @@ dmd: {{iterations: 2, batch_size: 2, ratio: 2, log_every: 1, save_every: 2, samp
     assert any("dmd: done (1 iterations" in x for x in lines)
     with pytest.raises(ValueError, match="needs 'student'"):
         distill_from_config(load_distill_config(cfg, ["student=", f"out_dir={tmp_path / 'x'}"]), log=lambda *a: None)
+    # dmd.init: the DMD stage of another run starts from this run's ODE init (arms of a comparison share one)
+    shared = [f"out_dir={tmp_path / 'arm'}", f"dmd.init={tmp_path / 'run' / 'ode_init' / 'checkpoint'}", "dmd.iterations=1",
+              "dmd.diagnose_every=0"]
+    lines.clear()
+    distill_from_config(load_distill_config(cfg, shared), stages=("dmd",), log=lines.append)
+    assert any("dmd iteration 1/1" in x for x in lines) and not (tmp_path / "arm" / "ode_init").exists()
+    assert "diag_ratio_s0.14" not in open(tmp_path / "arm" / "dmd" / "metrics.csv").readline()
+    with pytest.raises(ValueError, match="is a student for levels"):
+        distill_from_config(load_distill_config(cfg, shared + ["levels=[1.0,0.7,0.3]", f"out_dir={tmp_path / 'y'}"]),
+                            stages=("dmd",), log=lambda *a: None)
+
+
+def test_video_scores_at_their_own_guidance_and_precision_and_the_critic_at_dmd_levels():
+    """The video problem reads the DMD settings (``configure``): the real score's guidance (default the
+    pairs' ``guidance``), float32 scores under a bf16 run (equal to a run without autocast, unlike
+    the bf16 ones), the conditional-only part beside the guided one, and the critic's levels from
+    DMD's law. Breaks tried: ``configure`` ignoring real_guidance; ``_amp`` ignoring the precision;
+    ``critic_loss`` ignoring ``levels``."""
+    from ca2vdm.distill import DistillConfig
+
+    f32 = torch.float32
+    teacher, critic, student = class_model(dtype=f32), class_model(dtype=f32), class_model(1, f32)
+    teacher.requires_grad_(False)
+    kw = dict(frames=5, batch=2, items=lambda i: ITEMS[i], pool=6)
+    problem = VideoDMD(student, teacher, critic, LEVELS, guidance=3.0, autocast=torch.bfloat16, **kw)
+    run = DMD(student, critic, problem.problem(), DMDConfig())
+    assert problem.real_guidance == 3.0 and problem.score_precision == "autocast"
+    run = DMD(student, critic, problem.problem(), DMDConfig(real_guidance=2.0, score_precision="float32",
+                                                            critic_levels="dmd", level_min=0.6, level_max=0.7))
+    g = torch.Generator().manual_seed(0)
+    x, cond = problem.generate(g, False)
+    sigma = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    x_t = (1 - sigma.float()[:, None, None, None, None]) * x + sigma.float()[:, None, None, None, None] * torch.randn_like(x)
+    exact = VideoDMD(student, teacher, critic, LEVELS, guidance=2.0, autocast=None, **kw)  # float32 throughout
+    real, fake = problem.real_x0(x_t, sigma, x, cond), problem.fake_x0(x_t, sigma, x, cond)
+    assert torch.equal(real, exact.real_x0(x_t, sigma, x, cond)) and torch.equal(fake, exact.fake_x0(x_t, sigma, x, cond))
+    guided, conditional = problem.real_parts(x_t, sigma, x, cond)
+    assert torch.equal(guided, real)
+    unguided = VideoDMD(student, teacher, critic, LEVELS, guidance=1.0, autocast=None, **kw)
+    assert torch.allclose(conditional, unguided.real_x0(x_t, sigma, x, cond), atol=1e-5)
+    at3 = VideoDMD(student, teacher, critic, LEVELS, guidance=3.0, autocast=None, **kw).real_x0(x_t, sigma, x, cond)
+    assert (real - at3).abs().max() > 1e-3  # the guidance is 2 here, not the pairs' 3
+    problem.configure(DMDConfig(real_guidance=2.0))  # bf16 autocast scores differ from float32
+    bf16 = problem.real_x0(x_t, sigma, x, cond)
+    assert (bf16 - real).abs().mean() > 1e-4 * real.abs().mean() and (bf16 - real).abs().max() < 0.1
+    problem.configure(run.config)
+    seen = []
+    original = critic.forward_all_chunks
+    critic.forward_all_chunks = lambda ctx, noisy, t, *a, **k: seen.append(t / 1000) or original(ctx, noisy, t, *a, **k)
+    run.critic_step()
+    assert seen and all(((s >= 0.6) & (s <= 0.7)).all() for s in seen)
+    cfg = DistillConfig.from_dict({"teacher": "t", "dmd": {"real_guidance": 2.5, "score_precision": "float32",
+                                                          "critic_weight_decay": 0.01, "diagnose_every": 0}})
+    assert cfg.dmd.dmd.real_guidance == 2.5 and cfg.dmd.diagnose_every == 0
+    with pytest.raises(ValueError, match="score_precision"):
+        DistillConfig.from_dict({"teacher": "t", "dmd": {"score_precision": "half"}})

@@ -86,12 +86,14 @@ def teacher_critic_state():
 ITERATIONS = 5000
 
 
-def toy(seed=0, frozen_critic=False, lr=6e-3):
+def toy(seed=0, frozen_critic=False, lr=6e-3, fake=None, teacher_init=True, **settings):
     """A one-step generator collapsed at the origin, a critic initialised as the teacher, DMD on
-    groups of points."""
+    groups of points (``fake``: another fake score; ``teacher_init=False``: the critic as built, not
+    fitted, for tests of the loop's mechanics; ``settings``: ``DMDConfig`` fields)."""
     torch.manual_seed(seed)
     gen, critic = generator_net(), Critic()
-    critic.load_state_dict(teacher_critic_state())
+    if teacher_init:
+        critic.load_state_dict(teacher_critic_state())
     with torch.no_grad():
         gen[-1].weight.mul_(0.01)
         gen[-1].bias.zero_()
@@ -100,10 +102,10 @@ def toy(seed=0, frozen_critic=False, lr=6e-3):
         return lambda x_t, sigma, x, cond: fn(x_t.reshape(-1, 2), sigma.repeat_interleave(x_t.shape[1])).reshape(x_t.shape)
 
     problem = DMDProblem(generate=lambda g, grad: (gen(torch.randn(GROUPS, BATCH // GROUPS, 2, generator=g)), None),
-                         real_x0=flat(real_x0), fake_x0=flat(critic),
+                         real_x0=flat(real_x0), fake_x0=flat(fake or critic),
                          critic_loss=lambda x, cond, g: critic.loss(x.reshape(-1, 2), g))
-    cfg = DMDConfig(ratio=5, generator_lr=lr, critic_lr=0.0 if frozen_critic else lr, level_shift=1.0, seed=seed,
-                    ema_decay=0.99, decay_iterations=ITERATIONS, min_lr_ratio=0.02)
+    base = dict(ratio=5, level_shift=1.0, ema_decay=0.99, decay_iterations=ITERATIONS, min_lr_ratio=0.02)
+    cfg = DMDConfig(generator_lr=lr, critic_lr=0.0 if frozen_critic else lr, seed=seed, **(base | settings))
     return DMD(gen, critic, problem, cfg)
 
 
@@ -227,3 +229,147 @@ def test_levels_lean_to_high_noise_and_stay_inside():
     assert warped.min() >= 0.02 and warped.max() <= 0.98
     with pytest.raises(ValueError, match="level_min"):
         DMDConfig(level_min=0.5, level_max=0.4)
+
+
+# -- the settings the references separate (issue 26) ----------------------------------------------
+def test_weight_decay_is_adamw_and_shrinks_weights_with_a_zero_gradient():
+    """fake = real: the generator's DMD gradient is exactly 0, so AdamW's step is the decoupled decay
+    alone, w <- w (1 - lr wd); without decay (Adam) the weights stay. The critic's betas and decay
+    reach its optimizer. Break tried: generator_weight_decay ignored (always Adam) -> weights unchanged."""
+    for wd in (0.0, 0.1):
+        dmd = toy(fake=real_x0, teacher_init=False, generator_weight_decay=wd, critic_weight_decay=0.01, critic_betas=(0.9, 0.999),
+                  decay_iterations=0)
+        assert type(dmd.opt_g) is (torch.optim.AdamW if wd else torch.optim.Adam)
+        assert type(dmd.opt_c) is torch.optim.AdamW
+        assert dmd.opt_c.param_groups[0]["betas"] == (0.9, 0.999) and dmd.opt_c.param_groups[0]["weight_decay"] == 0.01
+        before = [p.detach().clone() for p in dmd.generator.parameters()]
+        row = dmd.step()
+        assert row["generator_grad_norm"] == 0.0
+        for p, q in zip(before, dmd.generator.parameters()):
+            assert torch.allclose(q, p * (1 - 6e-3 * wd), rtol=1e-6, atol=0), wd
+    for bad in (dict(critic_weight_decay=-1.0), dict(critic_betas=(0.9,)), dict(critic_warmup=-1),
+                dict(critic_levels="uniform"), dict(score_precision="fp16"), dict(real_guidance=-2.0)):
+        with pytest.raises(ValueError, match=f"DMDConfig.{next(iter(bad))}"):
+            DMDConfig(**bad)
+
+
+def test_critic_warmup_holds_the_generator_and_resumes_mid_warmup(tmp_path):
+    """critic_warmup=3, ratio 2: generator updates at iterations 3, 5, 7 (0-based) only, its weights
+    untouched before; stopped at iteration 2 (inside the warm-up), saved and loaded into fresh networks,
+    the run continues exactly. Break tried: the generator due at iteration % ratio == 0 after the
+    warm-up (first update at 4)."""
+    straight = toy(seed=3, teacher_init=False, critic_warmup=3, ratio=2)
+    start = [p.detach().clone() for p in straight.generator.parameters()]
+    rows = []
+    for _ in range(8):
+        rows.append(straight.step())
+        if straight.iteration == 3:
+            assert all(torch.equal(p, q) for p, q in zip(start, straight.generator.parameters()))
+    assert [i for i, r in enumerate(rows) if "generator_loss" in r] == [3, 5, 7]
+    first = toy(seed=3, teacher_init=False, critic_warmup=3, ratio=2)
+    for _ in range(2):
+        first.step()
+    first.save(tmp_path / "warm.safetensors")
+    resumed = toy(seed=4, teacher_init=False)  # no warm-up, ratio 5: the file's settings must win
+    resumed.load(tmp_path / "warm.safetensors")
+    later = [resumed.step() for _ in range(6)]
+    assert [i + 2 for i, r in enumerate(later) if "generator_loss" in r] == [3, 5, 7]
+    for a, b in ((straight.generator, resumed.generator), (straight.critic, resumed.critic)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_critic_levels_from_the_dmd_law():
+    """critic_levels='dmd' hands the critic loss DMD's level law (shift, min, max) and 'teacher' none.
+    Break tried: the law built with the default level_min/level_max instead of the config's."""
+    seen = []
+    dmd = toy(teacher_init=False, critic_levels="dmd", level_shift=3.0, level_min=0.3, level_max=0.4)
+    dmd.problem.critic_loss = lambda x, cond, g, **kw: seen.append(kw) or torch.tensor(0.0, requires_grad=True)
+    dmd.critic_step((torch.zeros(2, 8, 2), None))
+    law = seen[0]["levels"]
+    levels = law(5000, torch.Generator().manual_seed(0))
+    assert levels.dtype == torch.float64 and levels.min() >= 0.3 and levels.max() <= 0.4
+    assert torch.equal(levels, dmd_levels(5000, torch.Generator().manual_seed(0), 3.0, 0.3, 0.4))
+    dmd.config.critic_levels = "teacher"
+    dmd.critic_step((torch.zeros(2, 8, 2), None))
+    assert seen[1] == {}
+
+
+def test_an_old_state_file_loads_with_the_new_settings_at_their_defaults(tmp_path):
+    """A DMD state written before the issue-26 keys (its config without them) loads: they take their
+    defaults (the behaviour then). A saved AdamW setting rebuilds the optimizer before its moments load.
+    Break tried: DMD.load not adopting the saved settings' optimizers (no _adopt) -> Adam stays."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from ca2vdm.distill.dmd import DMDConfig as C
+
+    new = {"critic_betas", "critic_weight_decay", "generator_weight_decay", "critic_warmup", "critic_levels",
+           "real_guidance", "score_precision"}
+    dmd = toy(seed=5, teacher_init=False)
+    for _ in range(3):
+        dmd.step()
+    dmd.save(tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    assert new <= set(config)
+    old = dict(meta, config=json.dumps({k: v for k, v in config.items() if k not in new}))
+    save_file(load_file(tmp_path / "new.safetensors"), tmp_path / "old.safetensors", old)
+    resumed = toy(seed=6, teacher_init=False)
+    resumed.load(tmp_path / "old.safetensors")
+    assert resumed.iteration == 3 and resumed.config.seed == 5
+    assert all(getattr(resumed.config, k) == getattr(C(), k) for k in new - {"critic_betas"})
+    assert resumed.config.critic_betas == resumed.config.betas and type(resumed.opt_c) is torch.optim.Adam
+    resumed.step()
+    adamw = toy(seed=5, teacher_init=False, critic_weight_decay=0.01, critic_betas=(0.5, 0.9))
+    adamw.step()
+    adamw.save(tmp_path / "adamw.safetensors")
+    plain = toy(seed=5, teacher_init=False)
+    assert set(plain.load(tmp_path / "adamw.safetensors")) == {"critic_weight_decay", "critic_betas"}
+    assert type(plain.opt_c) is torch.optim.AdamW and plain.opt_c.param_groups[0]["betas"] == (0.5, 0.9)
+    assert plain.opt_c.state  # the moments came with it
+
+
+# -- the score diagnostic --------------------------------------------------------------------------
+def _diag_problem(fake_of, guidance_shift):
+    """The toy's problem with the exact real score, a guidance 'conditional' prediction real + d and
+    the fake score fake_of(real, d), d a fixed field."""
+    from ca2vdm.distill.dmd import DMDProblem as P
+
+    def real(x_t, sigma, x, cond):
+        return real_x0(x_t.reshape(-1, 2), sigma.repeat_interleave(x_t.shape[1])).reshape(x_t.shape)
+
+    d = lambda x_t: guidance_shift * torch.sin(3 * x_t) + 0.1  # noqa: E731
+    gen = generator_net()
+    return P(generate=lambda g, grad: (gen(torch.randn(4, 8, 2, generator=g)), None), real_x0=real,
+             fake_x0=lambda x_t, s, x, c: fake_of(real(x_t, s, x, c), d(x_t)), critic_loss=None,
+             real_parts=lambda x_t, s, x, c: (real(x_t, s, x, c), real(x_t, s, x, c) + d(x_t)))
+
+
+def test_score_diagnostic_on_the_toy():
+    """A critic equal to the real score: ratio 0 in every bucket. fake - real = 0.5 (cond - real):
+    cos 1 and ratio half the guidance term's; fake - real = -(cond - real): cos -1, ratio = guide. The
+    probe is fixed: two calls agree. Without real_parts: ratio only, cos NaN.
+    Break tried: the cosine taken with real - cond (the sign of the guidance direction)."""
+    from ca2vdm.distill import score_diagnostic
+    from ca2vdm.distill.diagnostic import diagnostic_columns
+
+    cfg = DMDConfig()
+    same = score_diagnostic(_diag_problem(lambda r, d: r, 1.0), cfg)
+    assert list(same) == diagnostic_columns(cfg) and len(same) == 12
+    assert all(v == 0 for k, v in same.items() if "ratio" in k)
+    half_problem = _diag_problem(lambda r, d: r + 0.5 * d, 1.0)
+    half = score_diagnostic(half_problem, cfg)
+    back = score_diagnostic(_diag_problem(lambda r, d: r - d, 1.0), cfg)
+    for s in ("0.14", "0.38", "0.62", "0.86"):
+        assert half[f"diag_cos_s{s}"] == pytest.approx(1.0, abs=1e-6) and back[f"diag_cos_s{s}"] == pytest.approx(-1.0, abs=1e-6)
+        assert half[f"diag_ratio_s{s}"] == pytest.approx(0.5 * half[f"diag_guide_s{s}"], rel=1e-5)
+        assert half[f"diag_ratio_s{s}"] > 0
+        assert back[f"diag_ratio_s{s}"] == pytest.approx(back[f"diag_guide_s{s}"], rel=1e-5)
+    assert score_diagnostic(half_problem, cfg) == half
+    p = _diag_problem(lambda r, d: r + d, 1.0)
+    p.real_parts = None
+    plain = score_diagnostic(p, cfg)
+    assert all(math.isnan(v) for k, v in plain.items() if "cos" in k) and plain["diag_ratio_s0.14"] > 0

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from ca2vdm import ChunkLayout, KVCache, StreamSession
-from ca2vdm.causal_wan import CausalWan, CausalWanConfig
+from ca2vdm.causal_wan import CausalWan
 from ca2vdm.conditioning import Text
 from ca2vdm.generate import generate_video
 from ca2vdm.stream import next_chunks
 from ca2vdm.wan import WanConfig, rotate
 
-from conftest import random_text, tiny_model
+from conftest import random_text, tiny_model, tiny_wan
 from oracle import Oracle
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,17 +92,9 @@ def test_factorized_shared_with_a_sink_equals_the_masked_oracle(positions):
 
 # -- the Wan backbone -------------------------------------------------------------------------------
 def wan(sink=2, window=8, chunk=2, rope="absolute", rope_max=1024, seed=0) -> CausalWan:
-    """2 blocks, 2 heads of 16, 4 latent channels, 4x4 latent frames (4 tokens), float64; chunks of
-    2 in a window of 8 with a sink of 2 (the cache: the sink's 2 slots, then a ring of 4)."""
-    cfg = WanConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=TEXT_DIM,
-                    freq_dim=16, ffn_dim=32, num_layers=2, text_len=16, chunk_frames=chunk, max_context_frames=window,
-                    sink_frames=sink, rope_positions=rope, rope_max_seq_len=rope_max)
-    torch.manual_seed(seed)
-    model = CausalWan(CausalWanConfig(cfg, frame_size=(4, 4)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    return model.double().eval()
+    """``conftest.tiny_wan`` with chunks of 2 in a window of 8 and a sink of 2 (the cache: the sink's 2
+    slots, then a ring of 4)."""
+    return tiny_wan(seed, window, chunk, sink_frames=sink, rope_positions=rope, rope_max_seq_len=rope_max)
 
 
 def text(batch, tokens=5, seed=1):

@@ -80,18 +80,22 @@ def teacher_trajectories(teacher: Backbone, levels: list[float], frames: int, st
 
 def write_ode_pairs(teacher: Backbone, out_dir, items, levels: list[float], frames: int, clips: int,
                     batch: int, encode=None, steps: int = 20, guidance: float = 4.0, seed: int = 0,
-                    autocast=None, log=print) -> list[Path]:
+                    autocast=None, log=print, part: tuple[int, int] = (0, 1)) -> list[Path]:
     """Shards ``pairs_00000.safetensors``, ... of ``batch`` clips each, ``clips`` in all: tensors
     ``video``, ``states``, ``seeds`` (and ``labels``, class teachers); metadata ``captions``, ``levels``, the teacher's sampling.
     ``items(i)``: the i-th conditioning item ({"caption"?, "video"?: the first frames' source}).
     ``encode(captions)``: -> ``Text`` (text teachers). Clip i uses seed + i. A shard that exists is
-    kept, so an interrupted run resumes where it stopped (each shard is written atomically)."""
+    kept, so an interrupted run resumes where it stopped (each shard is written atomically).
+    ``part`` = (r, n): this process computes and writes shards j with j % n == r only (n ranks share
+    the shards; each shard's clips are seeded by their index, so the files are one process's)."""
     out_dir = Path(out_dir)
     cfg, meta_levels = teacher.config, json.dumps([float(s) for s in levels])
     paths = []
     for j, start in enumerate(range(0, clips, batch)):
         path = out_dir / f"pairs_{j:05d}.safetensors"
         paths.append(path)
+        if j % part[1] != part[0]:
+            continue
         if path.is_file():
             with safe_open(str(path), "pt") as f:
                 if (f.metadata() or {}).get("levels") != meta_levels:
@@ -159,17 +163,22 @@ class ODEPairs(Dataset):
 
 
 def ode_regression_loss(student: Backbone, video: torch.Tensor, states: torch.Tensor, levels: list[float],
-                        cond: Condition, generator: torch.Generator) -> torch.Tensor:
+                        cond: Condition, generator: torch.Generator, rows=None) -> torch.Tensor:
     """The ODE-init loss: each (clip, chunk) at a student level of its own, drawn from ``generator``,
     all chunks in one all-chunks forward with the teacher's clean clip as context; MSE of the x0
-    prediction to the clip. video (B, C, F, H, W); states (B, K, C, F - p, H, W)."""
+    prediction to the clip. video (B, C, F, H, W); states (B, K, C, F - p, H, W). ``rows``
+    (``parallel.Rows``): the batch is this rank's rows of a global one, the levels drawn for all of it."""
     cfg = student.config
     B, K, C, Fg = states.shape[:4]
     l = cfg.chunk_frames
     if K != len(levels) or video.shape[2] - cfg.prefix_frames != Fg or Fg % l:
         raise ValueError(f"states {tuple(states.shape)} do not match {len(levels)} levels and video "
                          f"{tuple(video.shape)} in chunks of {l}")
-    j = torch.randint(K, (B, Fg // l), generator=generator).repeat_interleave(l, dim=1)  # (B, F - p)
+    if rows is None:
+        j = torch.randint(K, (B, Fg // l), generator=generator)
+    else:
+        j = rows.take(torch.randint(K, (rows.total, Fg // l), generator=generator))
+    j = j.repeat_interleave(l, dim=1)  # (B, F - p)
     pick = j.to(states.device)[:, None, None, :, None, None].expand(B, 1, C, Fg, *states.shape[4:])
     noisy = torch.take_along_dim(states, pick, dim=1)[:, 0]  # (B, C, F - p, H, W)
     level = torch.tensor(levels, dtype=torch.float64)[j].to(video.device)  # (B, F - p)

@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 
 import torch
 
@@ -55,14 +56,24 @@ UPLOAD_WORKERS = 2                  # uploads decoded at once (the others wait)
 
 
 def load_models(models: dict | None = None, device: str = "cpu") -> dict[str, ServedModel]:
-    """name -> checkpoint directory (default: the shipped models) -> name -> ``ServedModel``.
+    """name -> checkpoint directory, or a Wan pipeline folder as ``DIR`` or ``DIR:WEIGHTS`` (a causal
+    checkpoint; ``pipeline.load_pipeline``) (default: the shipped models) -> name -> ``ServedModel``.
     Served models start from a prompt alone: text-conditioned, ``prefix_frames`` = 0."""
+    from ..pipeline import is_pipeline_folder, load_pipeline
+
     if models is None:
         models = {name: asset_path(name) for name in SHIPPED}
     if not models:
         raise ValueError("serve needs at least one model")
     out = {}
     for name, path in models.items():
+        folder, _, weights = str(path).partition(":") if not Path(path).exists() else (str(path), "", "")
+        if is_pipeline_folder(folder):
+            pipe = load_pipeline(folder, weights or None, device=device, verbose=True)
+            s = pipe.sampling
+            out[name] = ServedModel(name, pipe.model, s["steps"] or len(s["levels"]), s["levels"], s["guidance"],
+                                    pipeline=pipe, fps=pipe.fps)
+            continue
         model = load_checkpoint(path, device=device)
         cfg = model.config
         if cfg.conditioning != "text" or cfg.prefix_frames:
@@ -119,7 +130,7 @@ def create_app(models: dict | None = None, max_sessions: int = 4, fps: float | N
     served = load_models(models, device)
     fps = DEFAULT_FPS if fps is None else float(fps)
     scheduler = Scheduler(served, encode_text, max_sessions, fps, lead_chunks, threads, max_streams_per_client)
-    sizes = sorted({tuple(m.model.config.frame_size) for m in served.values()})
+    sizes = sorted({m.frame_size for m in served.values()})
     static = asset_path("static")
     connections = {}                      # outbox -> that socket's state, for every connected viewer
     per_client = collections.Counter()    # client address -> its open sockets
@@ -174,11 +185,11 @@ def create_app(models: dict | None = None, max_sessions: int = 4, fps: float | N
             if msg["strength"] is not None:
                 if state["clip"] is None:
                     raise ProtocolError("video-to-video (strength) needs an uploaded clip: send the file first")
-                source = state["clip"][tuple(m.model.config.frame_size)]
+                source = state["clip"][m.frame_size]
             state["job"] = scheduler.start(Job(msg, loop, outbox, source=source, client=state["client"]))
             cfg = m.model.config
             outbox.put({"type": "started", "model": m.name, **m.sampling(msg["steps"], msg["guidance"]),
-                        "frame_size": list(cfg.frame_size), "chunk_frames": cfg.chunk_frames, "fps": fps,
+                        "frame_size": list(m.frame_size), "chunk_frames": cfg.chunk_frames, "fps": m.fps or fps,
                         "video_to_video": source is not None})
 
     async def send_loop(socket, outbox: Outbox):

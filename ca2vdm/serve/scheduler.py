@@ -57,13 +57,22 @@ class Busy(ProtocolError):
 
 @dataclass
 class ServedModel:
-    """A loaded checkpoint and how to sample it (``checkpoint.sampling_for``)."""
+    """A loaded checkpoint and how to sample it (``checkpoint.sampling_for``), or a Wan pipeline folder
+    (``pipeline``: a ``pipeline.Pipeline``, its chunks decoded to pixels by each stream's own VAE
+    caches, at its frame rate ``fps``; None: the server's)."""
 
     name: str
     model: torch.nn.Module
     steps: int
     levels: list | None
     guidance: float
+    pipeline: object = None
+    fps: float | None = None
+
+    @property
+    def frame_size(self) -> tuple:
+        """(H, W) of the frames a viewer gets: the pipeline's pixels, else the model's frames."""
+        return tuple(self.pipeline.size) if self.pipeline is not None else tuple(self.model.config.frame_size)
 
     def sampling(self, steps: int | None = None, guidance: float | None = None) -> dict:
         """StreamSession's {"steps", "levels", "guidance"} for a request: what is given wins, else the
@@ -78,7 +87,7 @@ class ServedModel:
     def describe(self) -> dict:
         cfg = self.model.config
         return {"name": self.name, "steps": self.steps, "levels": self.levels, "guidance": self.guidance,
-                "frame_size": list(cfg.frame_size), "chunk_frames": cfg.chunk_frames}
+                "frame_size": list(self.frame_size), "chunk_frames": cfg.chunk_frames, "fps": self.fps}
 
 
 class Outbox:
@@ -135,6 +144,7 @@ class Job:
     source: torch.Tensor | None = None   # (F, H, W, 3) uint8 at the model's frame size (video-to-video)
     client: str = ""              # the viewer's address (streams per client are limited)
     session: StreamSession | None = None
+    wan: object = None            # a Wan pipeline's stream (wan_stream.WanStream: its VAE caches); its session is ``session``
     active: bool = True
     revision: int = 0             # prompt revision of the chunks being made
     revisions: int = 0            # the last revision handed out (set_prompt)
@@ -224,7 +234,7 @@ class Scheduler:
         with self._cv:
             job.active = False
             self.jobs = [j for j in self.jobs if j is not job]
-            job.session = job.source = job.switch = None
+            job.session = job.wan = job.source = job.switch = None
             self._wake = True
             self._cv.notify()
 
@@ -240,18 +250,23 @@ class Scheduler:
             self._thread.join(timeout=30)
 
     # ---- the worker -----------------------------------------------------------------------
-    def _text(self, prompt: str) -> Text:
-        if prompt not in self._texts:
-            if self._encode is None:
-                from ..text import get_text_encoder
+    def _text(self, prompt: str, served: ServedModel | None = None) -> Text:
+        """The prompt's states (LRU-cached): a pipeline's own text encoder, else the server's."""
+        key = (served.name if served is not None and served.pipeline is not None else None, prompt)
+        if key not in self._texts:
+            if key[0] is not None:
+                self._texts[key] = served.pipeline.encode_prompt([prompt])
+            else:
+                if self._encode is None:
+                    from ..text import get_text_encoder
 
-                enc = get_text_encoder("cpu")
-                self._encode = lambda prompts: Text(*enc.encode(prompts))
-            self._texts[prompt] = self._encode([prompt])
+                    enc = get_text_encoder("cpu")
+                    self._encode = lambda prompts: Text(*enc.encode(prompts))
+                self._texts[key] = self._encode([prompt])
             while len(self._texts) > 256:
                 self._texts.popitem(last=False)
-        self._texts.move_to_end(prompt)
-        return self._texts[prompt]
+        self._texts.move_to_end(key)
+        return self._texts[key]
 
     def _count(self, job: Job, what: str) -> None:
         """Count a prompt switch (under the lock)."""
@@ -270,11 +285,17 @@ class Scheduler:
         """Worker side of start: build the session."""
         if job.session is None:
             served, r = self.models[job.request["model"]], job.request
-            session = StreamSession(served.model, prompt=self._text(r["prompt"]), seed=r["seed"],
-                                    **served.sampling(r["steps"], r["guidance"]))
+            text, sampling, wan = self._text(r["prompt"], served), served.sampling(r["steps"], r["guidance"]), None
+            if served.pipeline is not None:  # its own VAE caches: decoded (and encoded) per stream
+                from ..wan_stream import WanStream
+
+                wan = WanStream(served.pipeline, text, seed=r["seed"], **sampling)
+                session = wan.session
+            else:
+                session = StreamSession(served.model, prompt=text, seed=r["seed"], **sampling)
             with self._cv:
                 if job.active:
-                    job.session = session
+                    job.session, job.wan = session, wan
 
     def _switch(self, job: Job) -> None:
         """Apply the job's latest prompt switch, if any (one re-cache); a refused one keeps the old prompt."""
@@ -284,7 +305,7 @@ class Scheduler:
             return
         prompt, guidance, revision = switch
         try:
-            job.session.set_prompt(self._text(prompt), guidance=guidance)
+            job.session.set_prompt(self._text(prompt, self.models[job.request["model"]]), guidance=guidance)
             job.revision = revision
             with self._cv:  # the counters are shared with set_prompt, on the event loop
                 self._count(job, "applied")
@@ -296,25 +317,34 @@ class Scheduler:
         return job.chunks_sent - job.outbox.written - job.outbox.dropped >= self.lead_chunks
 
     def _deliver(self, job: Job, chunk: torch.Tensor, seconds: float) -> None:
+        wan = job.wan
+        if wan is not None:  # a pipeline's latents -> pixels, by this stream's own VAE caches
+            t = time.perf_counter()
+            chunk = wan.decode(chunk)  # (1, 3, F, H, W)
+            seconds += time.perf_counter() - t
+        fps = self.models[job.request["model"]].fps or self.fps
         frames = to_uint8(chunk[0].float())  # (l, H, W, 3)
         job.chunks_sent += 1
         job.send(encode_chunk(frames, job.chunks_sent, job.revision, seconds * 1000), is_chunk=True)
         now, l = time.monotonic(), frames.shape[0]
-        behind = job.t0 is None or (now - job.t0) * self.fps > job.frames_sent + self.lead_chunks * l
+        behind = job.t0 is None or (now - job.t0) * fps > job.frames_sent + self.lead_chunks * l
         if behind:  # first chunk, or the viewer ran dry: its clock restarts at this chunk
-            job.t0 = now - job.frames_sent / self.fps
+            job.t0 = now - job.frames_sent / fps
         job.frames_sent += l
-        job.due = job.t0 + (job.frames_sent - self.lead_chunks * l) / self.fps
+        job.due = job.t0 + (job.frames_sent - self.lead_chunks * l) / fps
 
     def _source(self, job: Job, served: ServedModel):
         """The next l frames of the uploaded clip (1, C, l, H, W) in [-1, 1], looping; None without one."""
-        source = job.source  # stop() may drop it meanwhile
+        source, wan = job.source, job.wan  # stop() may drop them meanwhile
         if source is None:
             return None
         l, F = served.model.config.chunk_frames, source.shape[0]
-        idx = [(job.source_pos + i) % F for i in range(l)]
-        job.source_pos = (job.source_pos + l) % F
-        x = source[idx].permute(3, 0, 1, 2).float().div(127.5).sub(1)  # (C, l, H, W)
+        n = l if wan is None else served.pipeline.pixel_frames(l) if wan.encoder.calls == 0 else 4 * l
+        idx = [(job.source_pos + i) % F for i in range(n)]
+        job.source_pos = (job.source_pos + n) % F
+        x = source[idx].permute(3, 0, 1, 2).float().div(127.5).sub(1)  # (C, n, H, W)
+        if wan is not None:  # pixels -> this stream's l latent frames (groups of 1, 4, 4, ...)
+            return wan.encode(x[None])
         return x[None].to(served.model.device, served.model.dtype)
 
     def _step(self, name: str, jobs: list[Job]) -> None:

@@ -45,7 +45,11 @@ class TrainConfig:
     autocast: str = "auto"         # "auto": bf16 (attention fp32) on CPU and CUDA; "off": model dtype
     layout: str = "prefix"         # "prefix": the paper's one-prefix-per-batch recipe; "all-chunks": teacher forcing;
                                    # "full-clip": a bidirectional model's whole clip at one level
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (per block)
+    parallel: str = "ddp"          # under torchrun: "ddp" (whole model per rank) or "fsdp" (FSDP2 shards
+                                   # parameters, gradients, optimizer state and EMA; ``training.parallel``)
+    mixed_precision: str = "off"   # fsdp only: "bf16" = bf16 parameters and compute, fp32 reduction and
+                                   # master weights (FSDP2's MixedPrecisionPolicy); "off": the model's dtype
     init_from: str | None = None   # a checkpoint directory whose (EMA) weights start a new run (fine-tuning)
     eval_every: int = 250
     save_every: int = 250
@@ -72,6 +76,13 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)}: must be 0 (off) or more")
         if self.eval_every and self.val_clips < 1:
             raise ValueError(f"TrainConfig.val_clips={self.val_clips}: must be at least 1 when eval_every > 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"TrainConfig.parallel={self.parallel!r}: must be 'ddp' or 'fsdp'")
+        if self.mixed_precision not in ("off", "bf16"):
+            raise ValueError(f"TrainConfig.mixed_precision={self.mixed_precision!r}: must be 'off' or 'bf16'")
+        if self.mixed_precision != "off" and self.parallel != "fsdp":
+            raise ValueError("TrainConfig.mixed_precision='bf16' is FSDP's policy: it needs parallel='fsdp' "
+                             "(with ddp, autocast='auto' computes in bf16)")
         if self.layout not in ("prefix", "all-chunks", "full-clip"):
             raise ValueError(f"TrainConfig.layout={self.layout!r}: must be 'prefix', 'all-chunks' or 'full-clip'")
 

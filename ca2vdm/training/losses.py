@@ -67,29 +67,37 @@ class Draws:
     ``batch`` draws what the whole batch shares (the prefix length, the TPE shift); ``samples``
     holds one generator per sample for its dataset index, caption dropout, noise and noise level,
     so a sample's randomness does not depend on the batch position, rank or micro-batch it lands
-    in (the key to DDP == one process). With ``samples=None`` every draw comes from ``batch``.
+    in (the key to DDP == one process). With ``samples=None`` every draw comes from ``batch``;
+    ``rows`` (``parallel.Rows``) then says which rows of a global batch this rank holds: each draw
+    is made for the whole batch and cut to them, so the ranks draw what one process would.
     """
 
-    def __init__(self, batch: torch.Generator, samples: list | None = None):
-        self.batch, self.samples = batch, samples
+    def __init__(self, batch: torch.Generator, samples: list | None = None, rows=None):
+        self.batch, self.samples, self.rows = batch, samples, rows
 
     @classmethod
-    def of(cls, gen: "torch.Generator | Draws") -> "Draws":
-        return gen if isinstance(gen, cls) else cls(gen)
+    def of(cls, gen: "torch.Generator | Draws", rows=None) -> "Draws":
+        return gen if isinstance(gen, cls) else cls(gen, rows=rows)
+
+    def _whole(self, batch: int) -> int:
+        return batch if self.rows is None else self.rows.total
+
+    def _take(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else self.rows.take(t)
 
     def randn(self, shape) -> torch.Tensor:  # (B, ...) float32 on the CPU
         if self.samples is None:
-            return torch.randn(shape, generator=self.batch)
+            return self._take(torch.randn((self._whole(shape[0]), *tuple(shape)[1:]), generator=self.batch))
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in self.samples])
 
     def rand(self, batch: int) -> torch.Tensor:  # (B,)
         if self.samples is None:
-            return torch.rand(batch, generator=self.batch)
+            return self._take(torch.rand(self._whole(batch), generator=self.batch))
         return torch.cat([torch.rand(1, generator=g) for g in self.samples])
 
     def levels(self, diffusion, batch: int, n: int) -> torch.Tensor:  # (B, n) training noise levels
         if self.samples is None:
-            return diffusion.sample_levels((batch, n), generator=self.batch)
+            return self._take(diffusion.sample_levels((self._whole(batch), n), generator=self.batch))
         return torch.cat([diffusion.sample_levels((1, n), generator=g) for g in self.samples])
 
     def choice(self, n: int) -> int:  # one integer in [0, n) for the whole batch

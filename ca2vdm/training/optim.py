@@ -31,6 +31,27 @@ def load_optimizer(opt: torch.optim.Optimizer, module: torch.nn.Module, tensors:
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
+@torch.no_grad()
+def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Give every parameter its optimizer state (moments, step counter) if it has none yet, without
+    changing a weight: one step at learning rate 0 on zero gradients (loading then overwrites the
+    state in place; under FSDP the moments are created as the parameters' DTensor shards)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if all(p in opt.state for p in params):
+        return
+    lrs = [g["lr"] for g in opt.param_groups]
+    grads = [p.grad for p in params]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    for p, grad in zip(params, grads):
+        p.grad = grad
+
+
 class EMA:
     """Exponential moving average of the weights with a warming-up decay min(d, (1 + s) / (10 + s))."""
 

@@ -4,10 +4,11 @@
 All randomness of step s comes from generators seeded by (seed, s) for what the batch shares and
 by (seed, s, j) for sample j (``losses.Draws``), so a resumed run draws the same batches and noise
 as one that never stopped, and N DDP ranks together draw what one process would. Weights, EMA,
-optimizer moments and metadata are saved with ``checkpoint.save_checkpoint`` (safetensors, atomic).
+optimizer moments and metadata are saved with ``checkpoint.save_checkpoint`` (safetensors, atomic);
+with ``train.parallel: fsdp`` every rank saves its shards (``parallel.save_sharded``) and the EMA
+weights are gathered into the ``model.safetensors`` that ``generate`` loads.
 """
 
-import contextlib
 import csv
 import time
 from dataclasses import asdict
@@ -22,9 +23,10 @@ from ..checkpoint import (CheckpointError, build_model, load_state, load_tensors
 from ..conditioning import Text
 from ..data import build_dataset
 from ..diffusion import mix_seed
+from . import parallel
 from .config import TrainConfig
 from .losses import Draws, Objective, clip_frames, prefix_choices
-from .optim import EMA, load_optimizer, lr_at, optimizer_tensors
+from .optim import EMA, init_optimizer_state, load_optimizer, lr_at, optimizer_tensors
 
 
 class TextCache:
@@ -45,18 +47,18 @@ class TextCache:
 
 def _distributed() -> tuple[int, int]:
     """(rank, world size) of an initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return parallel.world()
 
 
 class Trainer:
     """Owns the model, its EMA, the optimizer and the step counter; ``run`` trains to ``tc.steps``.
 
     Under ``torchrun`` (an initialised process group) the model is wrapped in
-    ``DistributedDataParallel``: ``tc.batch_size`` is the global batch, every rank draws and loads
-    only its own share of it (samples seeded per global position), gradients are averaged, and
-    rank 0 alone logs, validates and saves.
+    ``DistributedDataParallel`` (``tc.parallel='ddp'``) or sharded by FSDP2 (``'fsdp'``,
+    ``parallel.shard``): ``tc.batch_size`` is the global batch, every rank draws and loads only its
+    own share of it (samples seeded per global position), gradients are averaged. Rank 0 alone
+    logs and writes; under FSDP every rank takes part in validation, samples and saves (their
+    parameters are gathered), under DDP rank 0 alone runs them.
     """
 
     def __init__(self, model_cfg, tc: TrainConfig, dataset, val_dataset=None, text_encoder=None,
@@ -71,10 +73,12 @@ class Trainer:
         if tc.grad_checkpointing and "grad-checkpointing" not in self.model.features:
             raise ValueError(f"train.grad_checkpointing is not available for {type(self.model).__name__}")
         self.model.grad_checkpointing = tc.grad_checkpointing
+        self.sharded = tc.parallel == "fsdp" and self.world > 1  # every rank holds 1/N of each tensor
         self.objective = Objective(self.model, tc.layout, tc.context_noise)
-        if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.objective = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+        if tc.parallel == "fsdp":  # the model is sharded in place; the objective calls it as it is
+            self.synced = parallel.wrap(self.model, "fsdp", tc.mixed_precision == "bf16")
+        else:
+            self.objective = self.synced = parallel.wrap(self.objective, "ddp", device=self.device)
         self.ema = EMA(self.model, tc.ema_decay)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         self.dataset, self.val_dataset = dataset, val_dataset
@@ -130,19 +134,19 @@ class Trainer:
             items, video, draws = self.batch(self.step, micro)
             choices = prefix_choices(cfg)
             n_prefix = choices[draws.choice(len(choices))]
-            sync = self.world == 1 or micro == tc.grad_accum - 1  # DDP averages gradients once per step
-            with self._autocast(), (contextlib.nullcontext() if sync else self.objective.no_sync()):
+            sync = micro == tc.grad_accum - 1  # gradients are averaged over the ranks once per step
+            with self._autocast(), parallel.grad_sync(self.synced, sync):
                 loss = self.objective(video, draws, n_prefix=n_prefix, **self._condition(items, draws, tc.caption_dropout))
                 (loss / tc.grad_accum).backward()
             total += loss.detach().double().cpu() / tc.grad_accum
-        if self.world > 1:  # the logged loss is the global batch's
+        if self.world > 1:  # the logged loss is the global batch's; a NaN on one rank reaches every rank
             total = total.to(self.device)
             dist.all_reduce(total)
             total = total.cpu() / self.world
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss is {total.item()} at step {self.step + 1}; stopping without "
                                      f"saving (the last checkpoint on disk is intact)")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip).item()
+        grad_norm = parallel.clip_grad_norm(self.model.parameters(), tc.grad_clip)  # the global norm
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.ema.update(self.model, self.step)
@@ -150,8 +154,9 @@ class Trainer:
         return dict(step=self.step, loss=total.item(), lr=lr, grad_norm=grad_norm)
 
     def ranks_max_difference(self) -> float:
-        """Largest |weight on a rank - weight on rank 0| over all parameters (0 in one process)."""
-        if self.world == 1:
+        """Largest |weight on a rank - weight on rank 0| over all parameters (0 in one process; DDP:
+        FSDP ranks hold different shards by design)."""
+        if self.world == 1 or self.sharded:
             return 0.0
         flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
         ref = flat.clone()
@@ -191,17 +196,33 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
     def ema_model(self) -> nn.Module:
-        """A new model (on the CPU) holding the EMA weights."""
+        """A new model (on the CPU) holding the EMA weights (sharded: gathered, every rank calls)."""
         model = build_model(self.model.config)
-        self.ema.copy_to(model)
+        shadow = parallel.full_state(self.ema.shadow)
+        model.load_state_dict({k: shadow.get(k, v).to(v.dtype) for k, v in model.state_dict().items()})
         return model
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a resume needs, by name (the live tensors: loading into them restores the run): raw
+        weights ``raw.*``, EMA ``ema.*``, optimizer moments and step counters ``opt.*``. Under FSDP
+        they are this rank's DTensor shards."""
+        init_optimizer_state(self.opt)
+        tensors = {f"raw.{k}": v for k, v in self.model.state_dict().items()}
+        tensors |= {f"ema.{k}": v for k, v in self.ema.shadow.items()}
+        return tensors | optimizer_tensors(self.opt, self.model, "opt")
+
     def save(self, path):
-        """EMA weights as the model (for generation); raw weights and optimizer moments to resume."""
+        """EMA weights as the model (for generation); raw weights and optimizer moments to resume.
+        ``parallel='fsdp'``: the sharded checkpoint of ``parallel.save_sharded`` (every rank calls)."""
         ema_model = self.ema_model()
+        meta = dict(model=self.model.config.to_dict(), train=_jsonable(asdict(self.tc)), step=self.step,
+                    **self.extra_meta)
+        if self.tc.parallel == "fsdp":
+            parallel.save_sharded(path, self.state_tensors(), meta, ema_model.state_dict())
+            return
         tensors = {f"raw.{k}": v for k, v in self.model.state_dict().items()}
         tensors |= optimizer_tensors(self.opt, self.model, "opt")
-        meta = dict(train=_jsonable(asdict(self.tc)), step=self.step, **self.extra_meta)
+        meta.pop("model")
         save_checkpoint(path, ema_model, meta, tensors)
 
     def init_from(self, path) -> list[str]:
@@ -209,7 +230,10 @@ class Trainer:
         The model config may add modules (they keep their initialisation; their names are returned)
         but nothing else may differ: a removed key or another shape is a ``CheckpointError``."""
         state = load_tensors(Path(path) / "model.safetensors")
-        new = load_state(self.model, state, Path(path) / "model.safetensors", allow_missing=True)
+        plain = build_model(self.model.config) if self.sharded else self.model
+        new = load_state(plain, state, Path(path) / "model.safetensors", allow_missing=True)
+        if self.sharded:  # checked on a whole copy, then each rank takes its shards
+            parallel.copy_full(self.model.state_dict(), plain.state_dict())
         self.ema = EMA(self.model, self.tc.ema_decay)
         return new
 
@@ -217,6 +241,13 @@ class Trainer:
         meta = read_config(path)
         if model_config(meta["model"]) != self.model.config:
             raise CheckpointError(f"{path} was trained with a different model config")
+        if parallel.is_sharded_checkpoint(path):  # at any number of ranks, sharded or not
+            parallel.load_sharded(path, self.state_tensors())
+            self.step = int(meta["step"])
+            return
+        if self.sharded:
+            raise CheckpointError(f"{path} is a DDP checkpoint (train.safetensors): resume it with "
+                                  "train.parallel=ddp, or start an FSDP run from it with train.init_from")
         ema_state = load_tensors(Path(path) / "model.safetensors")
         tensors = load_tensors(Path(path) / "train.safetensors")
         raw = {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}
@@ -253,14 +284,14 @@ class Trainer:
                 row["minutes"] = (now - t0) / 60
                 row["val_loss"] = ""
                 history.append(row)
-                if not main:
+                if not main and not self.sharded:  # under FSDP every rank gathers for what follows
                     last = time.perf_counter()
                     continue
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     row["val_loss"] = self.validation_loss()
                     if self.out_dir and tc.sample_videos:
                         self.write_samples(self.out_dir / "samples" / f"step_{self.step:07d}.gif")
-                if self.step % tc.log_every == 0 or row["val_loss"] != "":
+                if main and (self.step % tc.log_every == 0 or row["val_loss"] != ""):
                     val = f" val {row['val_loss']:.4f}" if row["val_loss"] != "" else ""
                     log(f"step {self.step}/{tc.steps} loss {loss_sum / n_steps:.4f} lr {row['lr']:.2e} "
                         f"{n_steps / max(1e-9, seconds):.2f} it/s{val}")  # means since the last line
@@ -280,7 +311,7 @@ class Trainer:
                 metrics.close()
             if board:
                 board.close()
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             diff = self.ranks_max_difference()
             if main:
                 log(f"{self.world} ranks in sync: max |weight on rank r - weight on rank 0| = {diff:.3g}")
@@ -296,6 +327,8 @@ class Trainer:
             return None
         n = min(self.tc.sample_videos, len(self.val_dataset))
         model = self.ema_model().to(self.device).eval()
+        if self.rank != 0:  # it took part in the gather
+            return None
         encode = (lambda captions: self.text(captions, self.device)) if self.text else None
         return write_sample_gif(model, [self.val_dataset[i] for i in range(n)], path, self.tc.sample_frames,
                                 encode, steps=self.tc.sample_steps)

@@ -1,8 +1,12 @@
 """The page in a real browser: headless Chromium (Debian's /usr/bin/chromium) driven by Playwright
-against the real server with the shipped models. ``make test-browser``; excluded from ``make test``.
+against the real server, twice: with the shipped models, and with a tiny random Wan pipeline folder
+and causal checkpoint (``serve --model tiny-wan=DIR:WEIGHTS``, scripts/make_tiny_wan_pipeline.py:
+32x48 pixel frames decoded by each stream's own VAE caches, 16 frames/s). ``make test-browser``;
+excluded from ``make test``.
 
 Starts a stream with the few-step model, checks that the canvas changes over time, switches the
-prompt while it plays, stops, and saves a screenshot to docs/serve.png.
+prompt while it plays, stops, and saves a screenshot to docs/serve.png (the shipped models' run).
+The page is the same for both.
 """
 
 import json
@@ -19,12 +23,35 @@ CHROMIUM = os.environ.get("CA2VDM_CHROMIUM", "/usr/bin/chromium")
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "serve.png"
 
 
-@pytest.fixture(scope="module")
-def server():
+ROOT = Path(__file__).resolve().parents[2]
+# per server: (models given to create_app or None for the shipped ones, the options the page lists,
+# the model picked, its steps and guidance, a prompt and the prompt switched to)
+SERVERS = {
+    "shipped": (None, ["digits (20 steps)", "digits-fast (4-step)"], "digits-fast", "4", "1",
+                "a 3 moving down and right", "a 7 moving left"),
+    "tiny-wan": ("tiny-wan", ["tiny-wan (4-step)"], "tiny-wan", "4", "1",
+                 "a red cat runs on the beach", "a blue boat in the snow"),
+}
+
+
+def _tiny_wan(root: Path) -> dict:
+    """{"tiny-wan": "DIR:WEIGHTS"}: the tiny pipeline and its causal weights, as `serve --model` takes them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_tiny", ROOT / "scripts" / "make_tiny_wan_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.make(root / "pipe", weights=root / "causal.pt")
+    return {"tiny-wan": f"{root / 'pipe'}:{root / 'causal.pt'}"}
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
+def server(request, tmp_path_factory):
     from ca2vdm.serve.app import create_app, run_in_thread
 
-    srv, url = run_in_thread(create_app(max_sessions=2, threads=1))
-    yield url
+    models = _tiny_wan(tmp_path_factory.mktemp("tiny-wan")) if SERVERS[request.param][0] else None
+    srv, url = run_in_thread(create_app(models, max_sessions=2, threads=1))
+    yield url, request.param
     srv.should_exit = True
     srv.thread.join(timeout=30)
 
@@ -63,14 +90,16 @@ def _canvas(page) -> list[int]:
 
 
 def test_page_streams_switches_prompt_and_stops(server, page):
+    server, which = server
+    _, options, name, steps, guidance, prompt, switched = SERVERS[which]
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(server + "/")
     page.wait_for_function("document.getElementById('status').textContent === 'connected'", timeout=30_000)
-    assert page.locator("#model option").all_text_contents() == ["digits (20 steps)", "digits-fast (4-step)"]
-    page.select_option("#model", "digits-fast")
-    assert page.input_value("#steps") == "4" and page.input_value("#guidance") == "1"
-    page.fill("#prompt", "a 3 moving down and right")
+    assert page.locator("#model option").all_text_contents() == options
+    page.select_option("#model", name)
+    assert page.input_value("#steps") == steps and page.input_value("#guidance") == guidance
+    page.fill("#prompt", prompt)
     page.click("#start")
     page.wait_for_function("window.ca2vdm.framesShown >= 4", timeout=120_000)
     first = _canvas(page)
@@ -79,7 +108,7 @@ def test_page_streams_switches_prompt_and_stops(server, page):
     assert _canvas(page) != first, "the canvas did not change while the stream played"
     assert _status(server)["sessions"] == 1
 
-    page.fill("#prompt", "a 7 moving left")
+    page.fill("#prompt", switched)
     page.click("#switch")
     page.wait_for_function("window.ca2vdm.revisionSeen === 1", timeout=120_000)
     shown = page.evaluate("window.ca2vdm.framesShown")
@@ -87,8 +116,13 @@ def test_page_streams_switches_prompt_and_stops(server, page):
     readout = page.inner_text("#readout")
     assert "frames/s" in readout and page.inner_text("#latency").endswith("ms"), readout
     assert float(page.inner_text("#fps-in")) > 0
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    if which == "shipped":
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT))
+    else:  # the frame size and rate the page was told are the pipeline's pixels and Wan's 16 frames/s
+        with urllib.request.urlopen(server + "/api/models", timeout=10) as r:
+            (described,) = json.loads(r.read())["models"]
+        assert described["frame_size"] == [32, 48] and described["fps"] == 16
 
     page.click("#stop")
     page.wait_for_function("document.getElementById('status').textContent === 'stopped'", timeout=30_000)
