@@ -453,3 +453,26 @@ def test_video_scores_at_their_own_guidance_and_precision_and_the_critic_at_dmd_
     assert cfg.dmd.dmd.real_guidance == 2.5 and cfg.dmd.diagnose_every == 0
     with pytest.raises(ValueError, match="score_precision"):
         DistillConfig.from_dict({"teacher": "t", "dmd": {"score_precision": "half"}})
+
+
+def test_distill_device_is_a_top_level_setting_cpu_or_cuda():
+    """``device`` (default cpu) holds for every stage: another value, or the key in a section, is refused."""
+    from ca2vdm.distill import DistillConfig
+
+    assert DistillConfig.from_dict({"teacher": "t"}).device == "cpu"
+    assert DistillConfig.from_dict({"teacher": "t", "device": "cuda"}).device == "cuda"
+    for bad, message in (({"device": "gpu"}, "device='gpu': must be 'cpu' or 'cuda'"),
+                         ({"dmd": {"device": "cuda"}}, "device in the dmd section: set it at the top level")):
+        with pytest.raises(ValueError, match=message):
+            DistillConfig.from_dict({"teacher": "t"} | bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+def test_distill_on_cuda_without_cuda_is_a_one_line_error(tmp_path):
+    # refused before anything is loaded or written (the teacher need not exist)
+    cfg = tmp_path / "distill.yaml"
+    cfg.write_text(f"out_dir: {tmp_path / 'run'}\nteacher: {tmp_path / 'teacher'}\n")
+    r = ca2vdm("distill", cfg, "--set", "device=cuda")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == "error: device=cuda asked for, but CUDA is not available on this machine"
+    assert not (tmp_path / "run").exists()

@@ -189,14 +189,14 @@ def _optimizer(module: nn.Module, lr: float, betas: tuple, weight_decay: float) 
 
 
 def _noised(x, sigma, g, rows=None):
-    """x_t = (1 - sigma) x + sigma eps, sigma (B,) per sample (eps drawn for the whole batch of
-    ``rows`` and cut to this rank's)."""
-    s = sigma.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    """x_t = (1 - sigma) x + sigma eps, sigma (B,) per sample (eps drawn on the CPU, for the whole
+    batch of ``rows`` and cut to this rank's, then moved to x's device)."""
+    s = sigma.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
     if rows is None:
         eps = torch.randn(x.shape, generator=g, dtype=torch.float32)
     else:
         eps = rows.take(torch.randn(rows.whole(x.shape), generator=g, dtype=torch.float32))
-    return (1 - s) * x + s * eps.to(x.dtype)
+    return (1 - s) * x + s * eps.to(x.device, x.dtype)
 
 
 class DMD:
@@ -373,7 +373,8 @@ class DMD:
         pick = lambda p: {k[len(p) + 1:]: v for k, v in tensors.items() if k.startswith(p + ".")}  # noqa: E731
         self.generator.load_state_dict(pick("generator"))
         self.critic.load_state_dict(pick("critic"))
-        self.ema.shadow = {k: v.float().clone() for k, v in pick("ema").items()}
+        device = next(iter(self.ema.shadow.values())).device  # the generator's
+        self.ema.shadow = {k: v.to(device, torch.float32, copy=True) for k, v in pick("ema").items()}
         load_optimizer(self.opt_g, self.generator, tensors, "opt_g", path)
         load_optimizer(self.opt_c, self.critic, tensors, "opt_c", path)
         self.iteration = int(meta["iteration"])

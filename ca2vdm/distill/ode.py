@@ -110,7 +110,8 @@ def write_ode_pairs(teacher: Backbone, out_dir, items, levels: list[float], fram
         elif cfg.conditioning == "class":
             kw["labels"] = torch.tensor([int(r["label"]) for r in rows])
         if cfg.prefix_frames:
-            kw["first_frames"] = torch.stack([r["video"][:, :cfg.prefix_frames] for r in rows]).to(teacher.dtype)
+            kw["first_frames"] = torch.stack([r["video"][:, :cfg.prefix_frames] for r in rows]).to(teacher.device,
+                                                                                                   teacher.dtype)
         with torch.no_grad():
             video, states = teacher_trajectories(teacher, levels, frames, steps, guidance, **kw)
         meta = dict(captions=json.dumps(captions), levels=meta_levels, steps=str(steps), guidance=str(guidance))

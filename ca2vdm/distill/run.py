@@ -23,9 +23,12 @@ ema_decay, grad_clip, save_every, log_every, eval_every = sample GIF period) and
 (``DMDRunConfig``: iterations, cpu_minutes, batch_size, exit_step, rollout, log_every, save_every, sample_every,
 diagnose_every, and every ``DMDConfig`` field; ``dmd.real_guidance`` defaults to ``teacher_guidance``, the
 guidance of the ODE pairs); ``parallel`` (ddp | fsdp), ``mixed_precision`` (off | bf16, fsdp) and
-``grad_checkpointing`` for every stage under ``torchrun``.
+``grad_checkpointing`` for every stage under ``torchrun``; ``device`` (cpu | cuda: teacher, student,
+critic, EMA and every tensor of the stages there; the random draws stay on CPU generators, so a run's
+numbers do not depend on the device).
 
-Under ``torchrun --nproc_per_node N`` (gloo: the stages run on the CPU) the ranks share the work:
+Under ``torchrun --nproc_per_node N`` (gloo on the CPU; nccl with ``device: cuda``, rank r on
+``cuda:LOCAL_RANK``) the ranks share the work:
 ode-pairs writes shard j on rank j % N (the teacher whole on each rank: no gradients); ode-init and
 dmd split every batch (``ode_init.batch_size``, ``dmd.batch_size`` multiples of N) with the draws
 made for the whole batch (``parallel.Rows``), so N ranks compute one process's steps. ``parallel:
@@ -139,6 +142,7 @@ class DistillConfig:
     parallel: str = "ddp"           # under torchrun: "ddp" (networks whole on every rank) or "fsdp" (sharded)
     mixed_precision: str = "off"    # fsdp: "bf16" parameters and compute, fp32 reduction and master weights
     grad_checkpointing: bool = False  # recompute each block's activations in backward (student, critic)
+    device: str = "cpu"             # "cpu" or "cuda" (under torchrun: cuda:LOCAL_RANK, nccl) for every stage
     ode_pairs: PairsConfig = field(default_factory=PairsConfig)
     ode_init: TrainConfig = field(default_factory=TrainConfig)
     dmd: DMDRunConfig = field(default_factory=DMDRunConfig)
@@ -153,7 +157,7 @@ class DistillConfig:
             value = d.pop(name, None) or {}
             if not isinstance(value, dict):
                 raise ValueError(f"distill config: {name} must be a section (a mapping), got {value!r}")
-            misplaced = sorted({"parallel", "mixed_precision", "grad_checkpointing"} & set(value))
+            misplaced = sorted({"parallel", "mixed_precision", "grad_checkpointing", "device"} & set(value))
             if misplaced:
                 raise ValueError(f"distill config: {', '.join(misplaced)} in the {name} section: set it at the "
                                  "top level (it holds for every stage)")
@@ -169,6 +173,8 @@ class DistillConfig:
             raise ValueError(f"distill config: mixed_precision={cfg.mixed_precision!r}: must be 'off' or 'bf16'")
         if cfg.mixed_precision != "off" and cfg.parallel != "fsdp":
             raise ValueError("distill config: mixed_precision='bf16' is FSDP's policy: it needs parallel='fsdp'")
+        if cfg.device not in ("cpu", "cuda"):
+            raise ValueError(f"distill config: device={cfg.device!r}: must be 'cpu' or 'cuda'")
         if cfg.autocast not in ("bf16", "off"):
             raise ValueError(f"distill config: autocast={cfg.autocast!r}: must be 'bf16' or 'off'")
         if cfg.levels is not None and "steps" in d and d["steps"] != len(cfg.levels):
@@ -251,13 +257,15 @@ class _NoMetrics:
 
 
 class Distillation:
-    """The run: the teacher, the prompt pool, the text encoder; one method per stage."""
+    """The run: the teacher, the prompt pool, the text encoder; one method per stage. Every network
+    and tensor of the stages lives on ``device`` (``parallel.join_group``'s; default ``cfg.device``)."""
 
-    def __init__(self, cfg: DistillConfig, log=print):
+    def __init__(self, cfg: DistillConfig, log=print, device=None):
         self.rank, self.world = parallel.world()
         self.cfg, self.log = cfg, log if self.rank == 0 else (lambda *a, **k: None)  # rank 0 alone logs
+        self.device = torch.device(device or cfg.device)
         self.out = Path(cfg.out_dir)
-        self.teacher = load_checkpoint(cfg.teacher).requires_grad_(False)
+        self.teacher = load_checkpoint(cfg.teacher, self.device).requires_grad_(False)
         self.teacher_meta = read_config(cfg.teacher)
         self.levels = cfg.student_levels(self.teacher)
         mc = self.teacher.config
@@ -265,7 +273,7 @@ class Distillation:
         if bidirectional and not cfg.student:
             raise ValueError("distill config: a bidirectional teacher needs 'student', a causal checkpoint for the "
                              "student to start as")
-        self.student_init = load_checkpoint(cfg.student) if cfg.student else self.teacher
+        self.student_init = load_checkpoint(cfg.student, self.device) if cfg.student else self.teacher
         self.student_init.require_causal("the student")
         # the clip every stage works on: the teacher's whole clip, or the causal training clip
         self.frames = mc.clip_length if bidirectional else clip_frames(mc)
@@ -276,8 +284,8 @@ class Distillation:
         if mc.conditioning == "text":
             from ..text import get_text_encoder
 
-            text = TextCache(get_text_encoder("cpu"))
-            self.encode = lambda captions: text(captions, "cpu")
+            text = TextCache(get_text_encoder("cpu"))  # the encoder on the CPU, its states moved
+            self.encode = lambda captions: text(captions, self.device)
         self.meta = {"data": data, "autoencoder": self.teacher_meta.get("autoencoder", "pixel"),
                      "sampling": {"levels": self.levels, "steps": len(self.levels), "guidance": 1.0},
                      "distill": {"teacher": str(cfg.teacher), "config": _jsonable(asdict(cfg))}}
@@ -316,14 +324,14 @@ class Distillation:
                 g = torch.Generator().manual_seed(mix_seed(tc.seed, step))
                 idx = rows.take(torch.randint(len(pairs), (tc.batch_size,), generator=g).tolist())
                 items = [pairs[i] for i in idx]
-                video = torch.stack([it["video"] for it in items]).float()
-                states = torch.stack([it["states"] for it in items]).float()
+                video = torch.stack([it["video"] for it in items]).to(self.device, torch.float32)
+                states = torch.stack([it["states"] for it in items]).to(self.device, torch.float32)
                 lr = lr_at(step, tc)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 prompt = self.encode([it["caption"] for it in items]) if self.encode else None
                 labels = torch.tensor([it["label"] for it in items]) if "label" in items[0] else None
-                with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
                     cond = student.condition(len(items), prompt, labels)
                     loss = ode_regression_loss(student, video, states, self.levels, cond, g, rows)
                 mean = parallel.mean_over_ranks(loss)  # the global batch's; a NaN on one rank is on all
@@ -382,7 +390,7 @@ class Distillation:
         tensors = load_tensors(path / "train.safetensors")
         load_state(student, {k[4:]: v for k, v in tensors.items() if k.startswith("raw.")}, path / "train.safetensors")
         ema_state = load_tensors(path / "model.safetensors")
-        ema.shadow = {k: ema_state[k].float().clone() for k in ema.shadow}
+        ema.shadow = {k: ema_state[k].to(v.device, torch.float32, copy=True) for k, v in ema.shadow.items()}
         try:
             load_optimizer(opt, student, tensors, "opt", path)
         except ValueError as e:
@@ -400,7 +408,7 @@ class Distillation:
         if rc.init and read_config(init).get("sampling", {}).get("levels") != self.levels:
             raise CheckpointError(f"dmd.init={init} is a student for levels "
                                   f"{read_config(init).get('sampling', {}).get('levels')}, this config's are {self.levels}")
-        generator = self._prepare(load_checkpoint(init).train(), trains=True)
+        generator = self._prepare(load_checkpoint(init, self.device).train(), trains=True)
         critic = copy.deepcopy(self.teacher).requires_grad_(True).train()  # the fake score starts as the real one
         critic = self._prepare(critic, trains=True)
         teacher = self._prepare(self.teacher, trains=False)  # frozen: sharded, no optimizer
@@ -433,7 +441,8 @@ class Distillation:
                 cpu = time.process_time()
                 row = run.step()
                 # every rank's CPU time, summed (ranks agree on when the budget is spent)
-                run.cpu_minutes += float(parallel.mean_over_ranks(torch.tensor(time.process_time() - cpu))) \
+                spent = torch.tensor(time.process_time() - cpu, device=self.device)  # nccl reduces on the GPU
+                run.cpu_minutes += float(parallel.mean_over_ranks(spent)) \
                     * self.world / 60
                 row["minutes"] = (time.perf_counter() - t0) / 60
                 if rc.diagnose_every and (run.iteration % rc.diagnose_every == 0 or run.iteration == 1):
@@ -487,7 +496,8 @@ class Distillation:
         return _Metrics(path, columns, every, self.log, start) if self.rank == 0 else _NoMetrics()
 
     def _ema_model(self, ema: EMA) -> Backbone:
-        """A new model on the CPU with the EMA weights (sharded ones gathered: every rank calls this)."""
+        """A new model on the CPU with the EMA weights (sharded ones gathered: every rank calls this);
+        what checkpoints save (``_samples`` moves it to the run's device)."""
         model = build_model(self.student_init.config)
         shadow = parallel.full_state(ema.shadow)
         model.load_state_dict({k: shadow.get(k, v).to(v.dtype) for k, v in model.state_dict().items()})
@@ -499,7 +509,7 @@ class Distillation:
         if self.rank != 0:
             return
         n = min(self.cfg.samples, len(self.val)) if self.val else 0
-        if n and write_sample_gif(model, [self.val[i] for i in range(n)], path, self.cfg.sample_frames,
+        if n and write_sample_gif(model.to(self.device), [self.val[i] for i in range(n)], path, self.cfg.sample_frames,
                                   self.encode, guidance=1.0, levels=self.levels):
             self.log(f"  wrote {path}")
 
@@ -517,14 +527,16 @@ def distill_from_config(cfg: DistillConfig, stages=STAGES, log=print) -> Distill
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise ValueError(f"unknown stage(s) {', '.join(bad)}; the stages are {', '.join(STAGES)}")
-    created = parallel.join_cpu_group()  # under torchrun (the stages run on the CPU: gloo)
+    created, device = parallel.join_group(cfg.device)  # under torchrun: gloo on the CPU, nccl on cuda:LOCAL_RANK
     try:
-        run = Distillation(cfg, log)
+        run = Distillation(cfg, log, device)
         if run.rank == 0:
             run.out.mkdir(parents=True, exist_ok=True)
             (run.out / "config.yaml").write_text(yaml.safe_dump(_jsonable(asdict(cfg)), sort_keys=False))
         if run.world > 1:
             run.log(f"{run.world} ranks, parallel: {cfg.parallel}")
+        if device.type != "cpu":
+            run.log(f"the stages run on {device}")
         parallel.barrier()
         for stage in STAGES:
             if stage in stages:

@@ -168,15 +168,16 @@ def average_gradients(module: nn.Module) -> None:
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a scalar over the ranks (float64, on the CPU; itself in one process): a NaN on one
-    rank is a NaN on all, so a check of it raises on every rank and none waits in a collective."""
-    v = value.detach().double().cpu().reshape(())
+    """The mean of a scalar over the ranks (float64, returned on the CPU; itself in one process),
+    reduced on ``value``'s device (nccl reduces CUDA tensors): a NaN on one rank is a NaN on all, so
+    a check of it raises on every rank and none waits in a collective."""
+    v = value.detach().double().reshape(())
     n = world()[1]
     if n > 1:
         v = v.clone()
         dist.all_reduce(v)
         v = v / n
-    return v
+    return v.cpu()
 
 
 class Rows:
@@ -286,13 +287,24 @@ def is_current_sharded(path) -> bool:
         read_config(path).get("format") == "sharded"
 
 
-def join_cpu_group() -> bool:
-    """Join the gloo process group ``torchrun`` describes (WORLD_SIZE > 1) unless one is up;
-    whether this call made it (then its caller destroys it)."""
+def join_group(device: str = "cpu") -> tuple[bool, torch.device]:
+    """This process's device for ``device`` ("cpu", or "cuda": rank r of a ``torchrun`` node takes
+    ``cuda:LOCAL_RANK``), and the process group ``torchrun`` describes (WORLD_SIZE > 1) joined unless
+    one is up: nccl for cuda, gloo for cpu. Returns (whether this call made the group, then its
+    caller destroys it; the device). "cuda" on a machine without CUDA: ``ValueError``."""
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device=cuda asked for, but CUDA is not available on this machine")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ValueError(f"device={device!r}: must be 'cpu' or 'cuda'")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-        return True
-    return False
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return True, dev
+    return False, dev
 
 
 def barrier() -> None:
