@@ -331,14 +331,19 @@ def video_to_video_files(checkpoint, source, prompt, strength: float, out="outpu
             writer.write(autoencoder.decode(chunk.float()).clamp(-1, 1)[0].cpu())
             frames += keep
             if progress:
-                print(f"\r  {frames} frames ({frames / (time.perf_counter() - t0):.1f} frames/s)", end="",
-                      file=sys.stderr, flush=True)
+                print_progress(frames, t0)
     finally:
         writer.close()
         if progress:
             print(file=sys.stderr)
     return dict(path=Path(out), seconds=time.perf_counter() - t0, frames=frames, stats=session.stats,
                 sampling=sampling, start_step=start)
+
+
+def print_progress(frames: int, t0: float) -> None:
+    """Frames written so far and their rate since ``t0`` (``time.perf_counter``), on one stderr line."""
+    print(f"\r  {frames} frames ({frames / (time.perf_counter() - t0):.1f} frames/s)", end="", file=sys.stderr,
+          flush=True)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import Text
+from .generate import print_progress
 from .stream import GenerationStats, StreamSession, read_stream
 from .wan_vae import StreamingWanDecoder, StreamingWanEncoder
 
@@ -197,8 +198,7 @@ def generate_files(pipe, prompt: str, frames: int, out="outputs/video.mp4", nega
             if first is None:
                 first = time.perf_counter() - t0
             if progress:
-                print(f"\r  {written} frames ({written / (time.perf_counter() - t0):.1f} frames/s)", end="",
-                      file=sys.stderr, flush=True)
+                print_progress(written, t0)
     finally:
         writer.close()
         if progress:
@@ -267,8 +267,7 @@ def video_to_video_files(pipe, source, prompt: str, strength: float, out="output
             written += video.shape[2]
             first = first or time.perf_counter() - t0
             if progress:
-                print(f"\r  {written} frames ({written / (time.perf_counter() - t0):.1f} frames/s)", end="",
-                      file=sys.stderr, flush=True)
+                print_progress(written, t0)
     finally:
         writer.close()
         if progress:
