@@ -153,6 +153,8 @@ class WanConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["patch_size"] = list(self.patch_size)
+        if d["rope_positions"] == "absolute":  # configs (and saved streams) from before the setting stay equal
+            del d["rope_positions"]
         return d
 
     @classmethod

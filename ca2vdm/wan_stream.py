@@ -83,6 +83,8 @@ class WanStream:
         the chunk, are encoded and written into the context; returns them as the model saw them
         (decoded again, which also primes the decoder's caches for what follows)."""
         l, n = self.session.model.config.chunk_frames, self.pipe.latent_frames(pixels.shape[2])
+        if self.session.chunk > 1 or self.decoder.calls:
+            raise ValueError("a clip to continue starts the stream: this one has already made frames")
         if self.encoder.calls or pixels.shape[2] != self.pipe.pixel_frames(n) or n % l:
             raise ValueError(f"a clip to continue starts the stream and has 1 + 4 (n - 1) frames with n a multiple "
                              f"of {l} (e.g. {self.pipe.pixel_frames(l)}), got {pixels.shape[2]}")
@@ -162,6 +164,8 @@ def generate_files(pipe, prompt: str, frames: int, out="outputs/video.mp4", nega
     more (then prompt, seed and sampling are the saved stream's). Returns {"path", "frames",
     "latent_frames", "seconds", "first_frame_seconds", "decode_seconds", "stats", "sampling"}."""
     model, l = pipe.model, pipe.model.config.chunk_frames
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}")
     t0 = time.perf_counter()
     given = None
     if resume is not None:
@@ -180,6 +184,9 @@ def generate_files(pipe, prompt: str, frames: int, out="outputs/video.mp4", nega
             n = pipe.latent_frames(frames)
     s = stream.session
     n_chunks = math.ceil(n / l)
+    if save_stream is not None and n % l:  # before any work: the stream could not be saved at the end
+        raise ValueError(f"a saved stream continues after whole chunks: ask for a length of whole chunks "
+                         f"of {l} latent frames (e.g. {pipe.pixel_frames(l) if resume is None else 4 * l} frames)")
     writer = _writer(out, pipe, scale)
     written, decode_s, first = 0, 0.0, None
     try:
@@ -204,9 +211,6 @@ def generate_files(pipe, prompt: str, frames: int, out="outputs/video.mp4", nega
         if progress:
             print(file=sys.stderr)
     if save_stream is not None:
-        if n % l:
-            raise ValueError(f"a saved stream continues after whole chunks: ask for a length of whole chunks "
-                             f"of {l} latent frames")
         stream.save(save_stream)
     return dict(path=Path(out), frames=written, latent_frames=n, seconds=time.perf_counter() - t0,
                 first_frame_seconds=first, decode_seconds=decode_s, stats=s.stats,

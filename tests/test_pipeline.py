@@ -237,3 +237,23 @@ def test_a_truncated_causal_checkpoint_is_one_line(tiny, tmp_path):
     with pytest.raises(PipelineError, match="truncated or corrupt") as e:
         load_pipeline(tiny[0], bad)
     assert "\n" not in str(e.value)
+
+
+def test_requests_that_cannot_work_fail_before_any_frame_is_made(pipe, tiny, tmp_path, capsys):
+    """`--frames 0`, and `--save-stream` with a length that does not end at a whole chunk, are one
+    line each before anything is generated or written (no mp4); a clip cannot be given to a stream
+    that has already made frames. Breaks tried: the whole-chunk check left after the loop (the mp4
+    is written first); `extend` checking only the encoder."""
+    folder, weights = tiny
+    for args, words in ((["--frames", "0"], "frames must be at least 1"),
+                        (["--frames", "5", "--save-stream", str(tmp_path / "s.safetensors")], "whole chunks")):
+        out = tmp_path / "x.mp4"
+        with pytest.raises(SystemExit) as ex:
+            main(["generate", "--pipeline", str(folder), "--weights", str(weights), "--prompt", PROMPT,
+                  "--out", str(out), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert ex.value.code == 1 and words in err[-1] and not out.exists(), (args, err)
+    stream = WanStream(pipe, pipe.encode_prompt([PROMPT]))
+    stream.next_frames()
+    with pytest.raises(ValueError, match="already made frames"):
+        stream.extend(torch.zeros(1, 3, 9, *pipe.size))

@@ -287,3 +287,28 @@ def test_all_chunks_training_forward_sees_the_rebased_sink_as_the_cache_does():
         model.forward_cached(x[:, :, s], torch.zeros(1, 2, dtype=torch.float64), cache, cond, write=True)
     torch.cat(outs, 2).square().sum().backward()
     assert x.grad[:, :, :2].abs().sum() > 0  # the sink's frames reach the last chunks through the moved keys
+
+
+def test_a_sink_longer_than_a_chunk_is_kept_and_recached_at_its_frames():
+    """A sink of 3 frames with chunks of 2 (the sink ends inside the second chunk): after every chunk
+    the session keeps exactly the window's frames at their indices, for both backbones, and a prompt
+    switch after evictions continues as the independent sampler over those frames. Break tried:
+    ``kept_start`` set only when nothing was kept (the first chunk, all sink, leaves an empty
+    ``kept``): the indices shift and the re-cache lands at the wrong frames."""
+    dit = tiny_model(prefix_frames=1, chunk_frames=2, max_context_frames=7, sink_frames=3)
+    s = StreamSession(dit, first_frames=torch.randn(1, 3, 1, 8, 8, dtype=torch.float64), steps=1)
+    for _ in range(6):
+        s.next_chunk()
+        fw = s.engine.cache.frames_written
+        assert s.window_frames()[1] == dit.layout.window_before(fw), fw
+    model = wan(sink=3, window=9)
+    old, new = text(1), text(1, seed=5)
+    w = StreamSession(model, prompt=old, seed=3, levels=LEVELS)
+    for _ in range(6):
+        w.next_chunk()
+        assert w.window_frames()[1] == model.layout.window_before(w.engine.cache.frames_written)
+    frames, idx = w.window_frames()
+    assert idx == [0, 1, 2, 8, 9, 10, 11]
+    oracle = Oracle(model, [3], model.condition(1, new), levels=LEVELS, context=frames, start=idx)
+    w.set_prompt(new)
+    assert close(torch.cat([w.next_chunk() for _ in range(2)], 2), torch.cat(oracle.run(2, first_chunk=7), 2))

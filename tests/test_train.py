@@ -994,3 +994,21 @@ def test_resume_restores_the_optimizer_through_its_own_state_dict(tmp_path):
             w = b["state"][i][field]
             assert torch.equal(w, v) and w.dtype == v.dtype and w.device == v.device, (i, field)
         assert b["state"][i]["step"].device.type == "cpu"
+
+
+def test_init_optimizer_state_leaves_existing_state_alone():
+    """What a sharded save does before writing the optimizer (every parameter needs a state to be
+    saved): the parameters without state get one, at learning rate 0; the others' moments and step
+    counts stay as they were. Break tried: zero gradients for every parameter (the stepped one's
+    moments decay by the betas and its step counts 2)."""
+    from ca2vdm.training.optim import init_optimizer_state
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([a, b], lr=0.1, weight_decay=0.01)
+    a.grad = torch.full((3,), 0.5)
+    opt.step()
+    before = {k: v.clone() for k, v in opt.state[a].items()}
+    wa, wb = a.detach().clone(), b.detach().clone()
+    init_optimizer_state(opt)
+    assert all(torch.equal(opt.state[a][k], v) for k, v in before.items())
+    assert b in opt.state and torch.equal(a, wa) and torch.equal(b, wb) and opt.param_groups[0]["lr"] == 0.1

@@ -43,8 +43,8 @@ def init_optimizer_state(opt: torch.optim.Optimizer) -> None:
     grads = [p.grad for p in params]
     for g in opt.param_groups:
         g["lr"] = 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    for p in params:  # only the parameters without state step: the others' moments and counts stay
+        p.grad = None if p in opt.state else torch.zeros_like(p)
     opt.step()
     for g, lr in zip(opt.param_groups, lrs):
         g["lr"] = lr
