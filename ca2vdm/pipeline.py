@@ -190,6 +190,10 @@ def load_pipeline(folder, transformer_weights=None, *, text=None, text_dtype: to
     tcfg = _json(folder / "transformer" / "config.json")
     chunk = dict(chunk_frames=chunk_frames, max_context_frames=max_context_frames, sink_frames=sink_frames,
                  rope_positions=rope_positions)
+    try:  # the attention set alone, before anything is read: its errors are the caller's, not the folder's
+        CausalWanConfig(WanConfig(**chunk))
+    except ValueError as e:
+        raise PipelineError(f"chunk settings: {e}") from None
     try:
         if transformer_weights is None:
             transformer = load_wan(folder / "transformer", dtype=dtype, device=device, **chunk)

@@ -257,3 +257,10 @@ def test_requests_that_cannot_work_fail_before_any_frame_is_made(pipe, tiny, tmp
     stream.next_frames()
     with pytest.raises(ValueError, match="already made frames"):
         stream.extend(torch.zeros(1, 3, 9, *pipe.size))
+
+
+def test_chunk_settings_that_contradict_themselves_are_the_callers_error(tiny):
+    """A sink that fills the window is refused as the chunk settings' fault, before the folder is read
+    (not blamed on the folder's config.json)."""
+    with pytest.raises(PipelineError, match="^chunk settings: .*no frame of the window to slide"):
+        load_pipeline(tiny[0], tiny[1], max_context_frames=6, sink_frames=3)

@@ -33,7 +33,10 @@ def _counts(config) -> dict:
     found = blocks(model)
     in_blocks = sum(p.numel() for b in found for p in b.parameters())
     total = sum(p.numel() for p in model.parameters())
-    widest = max((m.out_features for b in found for m in b.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    linears = [m for m in found[0].modules() if isinstance(m, torch.nn.Linear)]
+    back = {m.in_features for m in linears if m.out_features == linears[0].in_features}  # widths brought back to D
+    # the MLP's width: the widest D -> m -> D pair (not adaLN's D -> 9D, which nothing brings back)
+    widest = max((m.out_features for m in linears if m.out_features in back), default=0)
     hidden = next(p.shape[-1] for p in found[0].parameters() if p.dim() == 2)
     return dict(total=total, root=total - in_blocks, block=max(sum(p.numel() for p in b.parameters()) for b in found),
                 depth=len(found), hidden=hidden, mlp_hidden=widest)
