@@ -87,24 +87,31 @@ def save_checkpoint(path, model: CausalVideoDiT, extra: dict | None = None,
         os.chmod(tmp, 0o777 & ~umask)
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~umask)
-        old = None
-        if path.is_dir():  # keep what is not ours (hard links: no copy), before the swap
-            for f in path.iterdir():
-                if f.name in CHECKPOINT_FILES:
-                    continue
-                if f.is_dir():
-                    shutil.copytree(f, tmp / f.name, copy_function=_link_or_copy)
-                else:
-                    _link_or_copy(f, tmp / f.name)
-        if path.exists():  # move the old one aside first, then swap, then delete it
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path, CHECKPOINT_FILES)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_in(tmp: Path, path: Path, owned) -> None:
+    """Put the finished directory ``tmp`` in place of ``path``: the files of ``path`` a save does not
+    own (names not in ``owned``: a model card, a log) are carried over first (hard links: no copy),
+    the old directory is moved aside, ``tmp`` renamed into place, and the old one deleted."""
+    old = None
+    if path.is_dir():
+        for f in path.iterdir():
+            if f.name in owned:
+                continue
+            if f.is_dir():
+                shutil.copytree(f, tmp / f.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(f, tmp / f.name)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_or_copy(src, dst):

@@ -242,6 +242,7 @@ def save_sharded(path, tensors: dict[str, torch.Tensor], meta: dict, export: dic
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
+    from ..checkpoint import swap_in
     from ..safefile import save_safetensors
 
     path = Path(path)
@@ -261,15 +262,7 @@ def save_sharded(path, tensors: dict[str, torch.Tensor], meta: dict, export: dic
         if fail_after_write is not None:
             fail_after_write()
         (tmp / COMPLETE).write_text("")
-        old = path.with_name(f".{path.name}.old")
-        if path.is_dir():
-            for f in path.iterdir():  # keep what is not ours (a model card, a log)
-                if f.name not in (SHARDS, COMPLETE, "config.json", export_file, "train.safetensors"):
-                    (shutil.copytree(f, tmp / f.name) if f.is_dir() else os.link(f, tmp / f.name))
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path, (SHARDS, COMPLETE, "config.json", export_file, "train.safetensors"))
     _barrier()
     return path
 
