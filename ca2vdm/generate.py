@@ -324,9 +324,7 @@ def video_to_video_files(checkpoint, source, prompt, strength: float, out="outpu
             frames += p
         while nxt is not None:
             cur, nxt = nxt, take(l)
-            keep = cur.shape[2]
-            if keep < l:  # the clip's end: pad with its last frame, keep only the real ones
-                cur = torch.cat([cur, cur[:, :, -1:].expand(-1, -1, l - keep, -1, -1)], dim=2)
+            keep, cur = cur.shape[2], pad_chunk(cur, l)
             chunk = session.next_chunk(source=cur, strength=strength, last=nxt is None, frames=keep)
             writer.write(autoencoder.decode(chunk.float()).clamp(-1, 1)[0].cpu())
             frames += keep
@@ -338,6 +336,13 @@ def video_to_video_files(checkpoint, source, prompt, strength: float, out="outpu
             print(file=sys.stderr)
     return dict(path=Path(out), seconds=time.perf_counter() - t0, frames=frames, stats=session.stats,
                 sampling=sampling, start_step=start)
+
+
+def pad_chunk(frames: torch.Tensor, length: int) -> torch.Tensor:
+    """A clip's last, short piece (B, C, F < length, H, W) padded to a whole chunk with its last frame
+    (the caller keeps only the real frames of what comes back); a whole chunk as it is."""
+    short = length - frames.shape[2]
+    return torch.cat([frames, frames[:, :, -1:].expand(-1, -1, short, -1, -1)], dim=2) if short > 0 else frames
 
 
 def print_progress(frames: int, t0: float) -> None:

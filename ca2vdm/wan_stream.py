@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .conditioning import Text
-from .generate import print_progress
+from .generate import pad_chunk, print_progress
 from .stream import GenerationStats, StreamSession, read_stream
 from .wan_vae import StreamingWanDecoder, StreamingWanEncoder
 
@@ -263,9 +263,7 @@ def video_to_video_files(pipe, source, prompt: str, strength: float, out="output
     try:
         while nxt is not None:
             cur, nxt = nxt, take(r * l)
-            keep = cur.shape[2]
-            if keep < l:  # the clip's end: pad with its last latent frame, keep only the real ones
-                cur = torch.cat([cur, cur[:, :, -1:].expand(-1, -1, l - keep, -1, -1)], dim=2)
+            keep, cur = cur.shape[2], pad_chunk(cur, l)  # the clip's end: only the real latent frames kept
             video = stream.next_frames(last=nxt is None, latent_frames=keep, source=cur, strength=strength)
             writer.write(video[0])
             written += video.shape[2]
