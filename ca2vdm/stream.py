@@ -287,8 +287,7 @@ class StreamSession:
             n = min(sink - start, frames.shape[2])
             self.sink_kept = frames[:, :, :n] if self.sink_kept is None else torch.cat([self.sink_kept, frames[:, :, :n]], 2)
             keep = frames[:, :, n:]
-            if self.kept is None or self.kept.shape[2] == 0:  # (a sink longer than a chunk: still empty)
-                self.kept_start = start + n
+            self.kept_start = start + n  # no frame after the sink was kept before this chunk
         kept = keep if self.kept is None else torch.cat([self.kept, keep], dim=2)
         drop = max(0, kept.shape[2] - layout.recent_frames)
         self.kept, self.kept_start = kept[:, :, drop:], self.kept_start + drop
