@@ -23,6 +23,8 @@ def coerce_fields(cls, d: dict) -> dict:
                 v = float(v)
             elif t.startswith("int") and isinstance(v, str):
                 v = int(v)
+            elif t == "str" and isinstance(v, bool):  # YAML 1.1 reads an unquoted off / on (no / yes) as a bool
+                v = "on" if v else "off"
             elif t.startswith("bool") and isinstance(v, str):
                 if v.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError(v)

@@ -476,3 +476,19 @@ def test_distill_on_cuda_without_cuda_is_a_one_line_error(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip() == "error: device=cuda asked for, but CUDA is not available on this machine"
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unquoted_off_in_yaml_is_the_string_off(tmp_path):
+    """YAML 1.1 reads ``autocast: off`` as False; a string setting takes it as "off" (it used to fail
+    with "autocast=False: must be 'bf16' or 'off'"), in the file and in ``--set``."""
+    from ca2vdm.distill import load_distill_config
+
+    cfg = tmp_path / "d.yaml"
+    cfg.write_text("teacher: some/dir\nautocast: off\n")
+    assert load_distill_config(cfg).autocast == "off"
+    cfg.write_text("teacher: some/dir\n")
+    assert load_distill_config(cfg).autocast == "bf16"
+    assert load_distill_config(cfg, ["autocast=off"]).autocast == "off"
+    from ca2vdm.training.config import TrainConfig
+
+    assert TrainConfig.from_dict({"autocast": False}).autocast == "off"
