@@ -3,6 +3,7 @@
 
 import functools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -373,3 +374,28 @@ def test_score_diagnostic_on_the_toy():
     p.real_parts = None
     plain = score_diagnostic(p, cfg)
     assert all(math.isnan(v) for k, v in plain.items() if "cos" in k) and plain["diag_ratio_s0.14"] > 0
+
+
+def test_the_diagnostics_of_several_runs_plot_side_by_side_and_a_run_without_them_is_refused(tmp_path):
+    """scripts/plot_dmd_diagnostics.py draws every run's curves (one line per run in each of the 4 sigma
+    rows x 2 panels) and refuses a metrics.csv without diagnostic rows by name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_dmd_diagnostics", Path(__file__).parents[1] / "scripts" /
+                                                  "plot_dmd_diagnostics.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cols = [f"diag_{k}_s{s}" for s in ("0.14", "0.38", "0.62", "0.86") for k in ("ratio", "cos", "guide")]
+    runs = []
+    for name, slope in (("a", 0.1), ("b", -0.2)):
+        lines = ["iteration,generator_loss," + ",".join(cols)]
+        lines += [f"{i},1.0," + ",".join(str(0.5 + slope * i / 100) for _ in cols) for i in (1, 50, 100)]
+        lines += ["101,1.0," + "," * (len(cols) - 1)]  # a row without the diagnostic is skipped
+        (tmp_path / f"{name}.csv").write_text("\n".join(lines) + "\n")
+        runs.append(f"{name}={tmp_path / f'{name}.csv'}")
+    script.main(["--out", str(tmp_path / "d.png"), *runs])
+    assert (tmp_path / "d.png").stat().st_size > 10_000
+    assert [len(script.read_diagnostic(tmp_path / f"{n}.csv")) for n in "ab"] == [3, 3]
+    (tmp_path / "none.csv").write_text("iteration,generator_loss\n1,1.0\n")
+    with pytest.raises(SystemExit, match="none.csv holds no diagnostic rows"):
+        script.main(["--out", str(tmp_path / "e.png"), f"c={tmp_path / 'none.csv'}"])
