@@ -303,3 +303,21 @@ def test_the_port_reproduces_the_original_jax_model(model):
     assert logits.shape == expected.shape == (2, 400)
     assert (logits - expected).abs().max().item() <= 1e-4
     assert (expected[0] - expected[1]).abs().max() > 0.1  # the two clips are told apart: not a constant
+
+
+@pytest.mark.parametrize("shape,kernel,stride", [((2, 5, 9, 13, 11), (1, 3, 3), (1, 2, 2)),
+                                                 ((2, 5, 8, 14, 14), (3, 3, 3), (2, 2, 2)),
+                                                 ((1, 3, 4, 7, 7), (2, 2, 2), (2, 2, 2)),
+                                                 ((1, 2, 1, 6, 5), (3, 3, 3), (2, 2, 2))])
+def test_the_separable_max_pool_is_torchs_max_pool3d(shape, kernel, stride):
+    """I3D's "SAME" max-pool runs as a max along each axis in turn (faster than ``F.max_pool3d`` on
+    the CPU): it gives exactly F.max_pool3d's values on the -inf-padded input, odd sizes included."""
+    import math
+
+    import torch.nn.functional as F
+
+    from ca2vdm.metrics import i3d
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    want = F.max_pool3d(i3d.pad_same(x, kernel, stride, value=-math.inf), kernel, stride)
+    assert torch.equal(i3d.max_pool_same(x, kernel, stride), want)

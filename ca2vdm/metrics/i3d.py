@@ -69,9 +69,28 @@ def pad_same(x: torch.Tensor, kernel, stride, value: float = 0.0) -> torch.Tenso
     return F.pad(x, pads, value=value) if any(pads) else x
 
 
+def _max_along(x: torch.Tensor, dim: int, kernel: int, stride: int) -> torch.Tensor:
+    """A VALID 1-D max-pool along ``dim``: the elementwise max of ``kernel`` strided slices."""
+    n = (x.shape[dim] - kernel) // stride + 1
+    out = None
+    for i in range(kernel):
+        idx = [slice(None)] * x.dim()
+        idx[dim] = slice(i, i + (n - 1) * stride + 1, stride)
+        out = x[tuple(idx)] if out is None else torch.maximum(out, x[tuple(idx)])
+    return out
+
+
 def max_pool_same(x: torch.Tensor, kernel, stride) -> torch.Tensor:
-    """TF max-pool with "SAME" padding: the padding is -inf, so it is never the maximum."""
-    return F.max_pool3d(pad_same(x, kernel, stride, value=-math.inf), kernel, stride)
+    """TF max-pool with "SAME" padding: the padding is -inf, so it is never the maximum.
+
+    A max over a box is a max along each axis in turn (max is separable), each the elementwise max
+    of a few strided slices: the same values as ``F.max_pool3d``, which on the CPU also computes
+    indices and took a third of I3D's time."""
+    x = pad_same(x, kernel, stride, value=-math.inf)                              # (N, C, T, H, W)
+    for dim, k, s in zip((2, 3, 4), kernel, stride):
+        if k > 1 or s > 1:
+            x = _max_along(x, dim, k, s)
+    return x.contiguous()                                                         # (N, C, T', H', W')
 
 
 # --------------------------------------------------------------------------------------------
