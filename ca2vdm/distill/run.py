@@ -455,6 +455,7 @@ class Distillation:
                     self._save_dmd(run, folder)
                 if rc.sample_every and (run.iteration % rc.sample_every == 0 or run.iteration == rc.iterations):
                     self._samples(self._ema_model(run.ema), folder / "samples" / f"iteration_{run.iteration:07d}.gif")
+            self.log(f"dmd: done ({run.iteration} iterations, {run.cpu_minutes:.1f} CPU minutes, in {folder})")
         finally:
             metrics.close()
             if rc.diagnose_every and self.rank == 0 and plot_diagnostic(folder / "metrics.csv", folder / "diagnostic.png"):
