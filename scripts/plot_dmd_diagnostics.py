@@ -10,13 +10,13 @@ right: cos(fake - real, cond - real); one colour per arm.
 """
 
 import argparse
-import csv
 import sys
+
+from ca2vdm.distill import diagnostic
 
 
 def read_diagnostic(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if any(k.startswith("diag_ratio_") and r.get(k) for k in r)]
+    rows = diagnostic.read_diagnostic(path)
     if not rows:
         sys.exit(f"error: {path} holds no diagnostic rows (was dmd.diagnose_every 0?)")
     return rows

@@ -77,13 +77,18 @@ def score_diagnostic(problem: DMDProblem, config: DMDConfig, buckets: int = 4) -
     return out
 
 
-def plot_diagnostic(metrics_csv, path) -> bool:
-    """ratio, guide (left) and cos (right) per bucket against the iteration, from a DMD stage's
-    metrics.csv; False (and nothing written) if it holds no diagnostic rows."""
+def read_diagnostic(metrics_csv) -> list[dict]:
+    """The rows of a DMD stage's metrics.csv that hold the diagnostic (every ``diagnose_every``)."""
     import csv
 
     with open(metrics_csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if any(k.startswith("diag_ratio_") and r.get(k) for k in r)]
+        return [r for r in csv.DictReader(f) if any(k.startswith("diag_ratio_") and r.get(k) for k in r)]
+
+
+def plot_diagnostic(metrics_csv, path) -> bool:
+    """ratio, guide (left) and cos (right) per bucket against the iteration, from a DMD stage's
+    metrics.csv; False (and nothing written) if it holds no diagnostic rows."""
+    rows = read_diagnostic(metrics_csv)
     if not rows:
         return False
     import matplotlib
