@@ -33,7 +33,7 @@ def main(argv=None):
         if not sep:
             sys.exit(f"error: {item!r}: expected ARM=metrics.csv")
         runs[name] = read_diagnostic(path)
-    levels = [k[len("diag_ratio_"):] for k in next(iter(runs.values()))[0] if k.startswith("diag_ratio_")]
+    levels = diagnostic.buckets_of(next(iter(runs.values()))[0])
 
     import matplotlib
 

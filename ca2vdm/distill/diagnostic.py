@@ -85,6 +85,11 @@ def read_diagnostic(metrics_csv) -> list[dict]:
         return [r for r in csv.DictReader(f) if any(k.startswith("diag_ratio_") and r.get(k) for k in r)]
 
 
+def buckets_of(row: dict) -> list[str]:
+    """The noise-level buckets a diagnostic row holds, as in its keys: ["s0.14", "s0.38", ...]."""
+    return [k[len("diag_ratio_"):] for k in row if k.startswith("diag_ratio_")]
+
+
 def plot_diagnostic(metrics_csv, path) -> bool:
     """ratio, guide (left) and cos (right) per bucket against the iteration, from a DMD stage's
     metrics.csv; False (and nothing written) if it holds no diagnostic rows."""
@@ -96,7 +101,7 @@ def plot_diagnostic(metrics_csv, path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = [k[len("diag_ratio_"):] for k in rows[0] if k.startswith("diag_ratio_")]
+    levels = buckets_of(rows[0])
     it = [int(r["iteration"]) for r in rows]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for i, s in enumerate(levels):
